@@ -1,0 +1,57 @@
+"""load: open the checkpoint safely, find its state dict, keep the decoder's tensors.
+
+Writes `load.json`: where the state dict sits, the kept entries (key, shape, dtype),
+how many were dropped and why, and the source's size and sha256. The hash runs on
+another core while torch unpickles, so it costs no wall time of its own.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from loguru import logger
+
+from pipeline.checkpoint import describe, find_state_dict, open_checkpoint, sniff
+from pipeline.files import write_json
+from pipeline.hashing import BackgroundHash
+from pipeline.rules import canonical_name, drop_reason
+from pipeline.stages import Job
+
+MIB = 1 << 20
+
+
+def run(job: Job) -> None:
+    fmt = sniff(job.source)
+    source_hash = BackgroundHash(job.source)
+    loaded = open_checkpoint(job.source, trusted=job.trusted, kind=fmt)
+    at, state_dict = find_state_dict(loaded.content, job.source)
+    kept, dropped, kept_bytes = [], Counter(), 0
+    for key, value in state_dict.items():
+        if not hasattr(value, "shape") or not isinstance(key, str):
+            dropped["not a tensor"] += 1
+            continue
+        reason = drop_reason(canonical_name(key))
+        if reason:
+            dropped[reason] += 1
+            continue
+        kept.append([key, list(value.shape), str(value.dtype).removeprefix("torch.")])
+        kept_bytes += value.numel() * value.element_size()
+    summary = "; ".join(f"{count} {reason}" for reason, count in dropped.most_common())
+    logger.info(f"state dict at {describe(at)}: kept {len(kept)} of {len(state_dict)} "
+                f"tensors ({kept_bytes / MIB:.1f} MiB), dropped {sum(dropped.values())}"
+                + (f": {summary}" if summary else ""))
+    for reason in dropped:
+        if reason.startswith("not part of the decoder"):
+            logger.warning(f"dropped {dropped[reason]} tensor(s) {reason}")
+    write_json(job.load_json, {
+        "source": str(job.source),
+        "size": job.source.stat().st_size,
+        "sha256": source_hash.result(),
+        "format": fmt,
+        "placeholders": loaded.placeholders,
+        "top_level_keys": [str(key) for key in loaded.content][:50]
+        if isinstance(loaded.content, dict) else [],
+        "state_dict_at": at,
+        "kept": kept,
+        "dropped": dict(dropped),
+    }, indent=1)
