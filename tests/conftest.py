@@ -78,11 +78,11 @@ class Project:
         return self.root / "converted" / name
 
     def snapshot(self) -> dict[str, tuple[int, int]]:
-        """mtime and size of every file the pipeline made."""
+        """mtime and size of every file the pipeline made (the run lock aside)."""
         found = {}
         for folder in ("build", "converted"):
             for path in sorted((self.root / folder).rglob("*")):
-                if path.is_file():
+                if path.is_file() and path.name != "run.lock":
                     stat = path.stat()
                     found[str(path.relative_to(self.root))] = (stat.st_mtime_ns, stat.st_size)
         return found
