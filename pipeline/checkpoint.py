@@ -42,7 +42,7 @@ CODE_RUNNING_MODULES = {
     "socket", "ctypes", "marshal", "pickle", "_pickle", "code", "codeop", "types",
     "functools", "operator", "webbrowser", "multiprocessing", "threading", "signal",
     "asyncio", "pdb", "timeit", "tempfile", "io", "_io", "urllib", "http", "requests",
-    "dill", "cloudpickle", "torch.hub", "torch.jit", "torch.ops", "torch._C",
+    "dill", "cloudpickle", "commands", "torch.hub", "torch.jit", "torch.ops", "torch._C",
     "torch.utils.cpp_extension",
 }
 CODE_RUNNING_BUILTINS = {
@@ -131,6 +131,7 @@ def _check_zip(path: Path, size: int) -> None:
                     raise CheckpointError(f"{path}: is damaged: zip member "
                                           f"{member.filename!r} lies outside the file "
                                           "or is compressed; download it again")
+                archive.open(member).close()  # checks its local header against the directory
             archive.read(pickles[0])  # checks the pickle's CRC
     except zipfile.BadZipFile as error:
         raise CheckpointError(f"{path}: is truncated or damaged ({error}); the download "
@@ -164,8 +165,9 @@ def open_checkpoint(path: Path, *, trusted: bool = False, quiet: bool = False,
     placeholders = [_placeholder(name) for name in unsafe]
     for name in unsafe:
         (logger.debug if quiet else logger.warning)(
-            f"{path.name}: {name} is not installed here or not safe to load; an inert "
-            "placeholder stands in for it (the state dict does not need it)")
+            f"{path.name}: {name} is not allowed by the weights-only loader (or not "
+            "installed here); an inert placeholder stands in for it, never imported or "
+            "called (the state dict does not need it)")
     if kind == "legacy":
         log(f"{path.name}: legacy (pre-zip) serialization: cannot be memory-mapped, "
             "reading the whole file")

@@ -267,7 +267,10 @@ def write_checkpoint(path: Path, checkpoint: dict[str, Any], *, legacy: bool = F
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
-        torch.save(checkpoint, partial, _use_new_zipfile_serialization=not legacy)
+        # Through a file object, as Lightning saves: the zip's root folder is then
+        # "archive", whatever the file is called.
+        with partial.open("wb") as file:
+            torch.save(checkpoint, file, _use_new_zipfile_serialization=not legacy)
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
@@ -297,15 +300,20 @@ def foreign_module(module_name: str, **classes: type) -> Iterator[types.ModuleTy
 
     Lets tests save objects of "training code" classes that the converter will not find.
     """
-    module = types.ModuleType(module_name)
+    parts = module_name.split(".")
+    names = [".".join(parts[:n]) for n in range(1, len(parts) + 1)]
+    added = [name for name in names if name not in sys.modules]
+    for name in added:
+        sys.modules[name] = types.ModuleType(name)
+    module = sys.modules[module_name]
     for name, cls in classes.items():
         cls.__module__, cls.__qualname__ = module_name, name
         setattr(module, name, cls)
-    sys.modules[module_name] = module
     try:
         yield module
     finally:
-        del sys.modules[module_name]
+        for name in added:
+            del sys.modules[name]
 
 
 def write_sample(path: str, release: str, name: str) -> None:
