@@ -13,9 +13,11 @@ import hashlib
 import json
 import os
 import threading
+import time
 from pathlib import Path
 
 from doit.dependency import FileChangedChecker
+from loguru import logger
 
 # Smaller files are hashed directly: reading the cache would cost as much.
 CACHED_FROM_BYTES = 1 << 20
@@ -42,8 +44,11 @@ def sha256(path: Path) -> str:
                 return cached["sha256"]
         except (OSError, ValueError):
             pass
+    started = time.perf_counter()
     with path.open("rb") as file:
         digest = hashlib.file_digest(file, "sha256").hexdigest()
+    logger.debug(f"hashed {path} ({stat.st_size / (1 << 20):.1f} MiB) in "
+                 f"{time.perf_counter() - started:.2f} s")
     if entry is not None and stat.st_size >= CACHED_FROM_BYTES and _version(path.stat()) == key:
         _store(entry, {"path": str(path.absolute()), "version": key, "sha256": digest})
     return digest
