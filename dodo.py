@@ -103,13 +103,13 @@ def task_save_safetensors():
     for position, job in enumerate(JOBS):
         yield _subtask("save_safetensors", position, job,
                        [job.source, job.load_json, job.plan_json],
-                       [job.model, job.provenance], {"entry": job.settings})
+                       [job.model, job.provenance, job.saved_json], {"entry": job.settings})
 
 
 def task_write_index():
     """Write index.json (total size and weight map) beside model.safetensors."""
     for position, job in enumerate(JOBS):
-        yield _subtask("write_index", position, job, [job.model], [job.index])
+        yield _subtask("write_index", position, job, [job.saved_json], [job.index])
 
 
 def task_write_config():

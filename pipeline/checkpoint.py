@@ -141,15 +141,41 @@ def _check_zip(path: Path, size: int) -> None:
                               f"({error})") from error
 
 
+_kept: tuple[tuple, Loaded] | None = None
+
+
 def open_checkpoint(path: Path, *, trusted: bool = False, quiet: bool = False,
-                    kind: str | None = None) -> Loaded:
+                    kind: str | None = None, keep: bool = False) -> Loaded:
     """Unpickle a checkpoint on the CPU; zip files are memory-mapped, not read.
 
-    `kind` is what sniff() said of the file, when the caller already asked it.
+    `kind` is what sniff() said of the file, when the caller already asked it. With
+    `keep`, the result is kept for the next call on the same, unchanged file (one
+    file at a time: the load stage keeps it for save_safetensors).
     """
+    global _kept
+    path = Path(path)
+    version = _file_version(path, trusted)
+    if _kept is not None and _kept[0] == version:
+        loaded, _kept = _kept[1], None
+        return loaded
+    _kept = None
+    loaded = _open(path, trusted=trusted, quiet=quiet, kind=kind)
+    if keep:
+        _kept = (version, loaded)
+    return loaded
+
+
+def _file_version(path: Path, trusted: bool) -> tuple:
+    try:
+        stat = path.stat()
+    except OSError:
+        return (str(path), trusted)
+    return (str(path.absolute()), stat.st_size, stat.st_mtime_ns, stat.st_ino, trusted)
+
+
+def _open(path: Path, *, trusted: bool, quiet: bool, kind: str | None) -> Loaded:
     import torch
 
-    path = Path(path)
     kind = kind or sniff(path)
     log = logger.debug if quiet else logger.info
     if trusted:

@@ -12,7 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import threading
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -35,23 +36,34 @@ def sha256(path: Path) -> str:
     """The file's sha256 in hex, from the cache when this version was hashed before."""
     path = Path(path)
     stat = path.stat()
-    entry = _cache_entry(path)
-    key = _version(stat)
-    if entry is not None:
-        try:
-            cached = json.loads(entry.read_text())
-            if cached.get("version") == key:
-                return cached["sha256"]
-        except (OSError, ValueError):
-            pass
-    started = time.perf_counter()
-    with path.open("rb") as file:
-        digest = hashlib.file_digest(file, "sha256").hexdigest()
-    logger.debug(f"hashed {path} ({stat.st_size / (1 << 20):.1f} MiB) in "
-                 f"{time.perf_counter() - started:.2f} s")
-    if entry is not None and stat.st_size >= CACHED_FROM_BYTES and _version(path.stat()) == key:
-        _store(entry, {"path": str(path.absolute()), "version": key, "sha256": digest})
+    digest = cached(path, stat)
+    if digest is None:
+        started = time.perf_counter()
+        with path.open("rb") as file:
+            digest = hashlib.file_digest(file, "sha256").hexdigest()
+        remember(path, stat, digest, time.perf_counter() - started)
     return digest
+
+
+def cached(path: Path, stat: os.stat_result) -> str | None:
+    """The cached sha256 of this version of the file, or None."""
+    entry = _cache_entry(path)
+    if entry is None:
+        return None
+    try:
+        value = json.loads(entry.read_text())
+    except (OSError, ValueError):
+        return None
+    return value.get("sha256") if value.get("version") == _version(stat) else None
+
+
+def remember(path: Path, stat: os.stat_result, digest: str, seconds: float) -> None:
+    """Cache a digest, if the file is still the version that was hashed."""
+    logger.debug(f"hashed {path} ({stat.st_size / (1 << 20):.1f} MiB) in {seconds:.2f} s")
+    entry = _cache_entry(path)
+    if entry is None or stat.st_size < CACHED_FROM_BYTES or _version(path.stat()) != _version(stat):
+        return
+    _store(entry, {"path": str(path.absolute()), "version": _version(stat), "sha256": digest})
 
 
 def _version(stat: os.stat_result) -> list[int]:
@@ -68,38 +80,49 @@ def _cache_entry(path: Path) -> Path | None:
 def _store(entry: Path, value: dict) -> None:
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
-        temp = entry.with_name(f".{entry.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+        temp = entry.with_name(f".{entry.name}.tmp-{os.getpid()}")
         temp.write_text(json.dumps(value))
         os.replace(temp, entry)
     except OSError:
         pass  # a cache that cannot be written only costs a second hash
 
 
-class BackgroundHash:
-    """Hash a file on another core while the caller does its own work.
+# A child interpreter that only hashes: started in milliseconds (-I -S), and on its own
+# core without sharing a GIL with torch's import and unpickling in the parent.
+HASH_PROGRAM = ("import hashlib, sys\n"
+                "with open(sys.argv[1], 'rb') as f:\n"
+                "    print(hashlib.file_digest(f, 'sha256').hexdigest())\n")
 
-    hashlib releases the GIL while it hashes, so the thread runs in parallel with
-    torch's import and unpickling.
-    """
+
+class BackgroundHash:
+    """Hash a file in a child process while the caller does its own work."""
 
     def __init__(self, path: Path) -> None:
-        self._result: str | None = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(Path(path),),
-                                        name="sha256", daemon=True)
-        self._thread.start()
-
-    def _run(self, path: Path) -> None:
-        try:
-            self._result = sha256(path)
-        except BaseException as error:  # handed to the caller by result()
-            self._error = error
+        self.path = Path(path)
+        self._stat = self.path.stat()
+        self._digest = cached(self.path, self._stat)
+        self._started = time.perf_counter()
+        self._process = None
+        if self._digest is None:
+            self._process = subprocess.Popen(
+                [sys.executable, "-I", "-S", "-c", HASH_PROGRAM, str(self.path)],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def result(self) -> str:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._result
+        if self._digest is not None:
+            return self._digest
+        out, err = self._process.communicate()
+        digest = out.strip()
+        if self._process.returncode != 0 or len(digest) != 64:
+            raise OSError(f"hashing {self.path} failed: {err.strip() or out.strip()}")
+        remember(self.path, self._stat, digest, time.perf_counter() - self._started)
+        self._digest = digest
+        return digest
+
+    def cancel(self) -> None:
+        if self._process is not None:
+            self._process.kill()
+            self._process.communicate()
 
 
 class ContentChecker(FileChangedChecker):

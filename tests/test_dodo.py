@@ -55,8 +55,8 @@ def test_bandwidth_edit_reruns_one_checkpoint_from_transform(project):
     project.config(TWO.replace('a.ckpt"\n', 'a.ckpt"\nbandwidth_id = 1\n', 1))
     result = project.doit()
     assert result.returncode == 0, result.stderr
-    assert project.ran() == {"a": ["transform", "save_safetensors", "write_index", "write_config"],
-                             "b": []}
+    # index.json depends only on the file's size, which the new row does not change
+    assert project.ran() == {"a": ["transform", "save_safetensors", "write_config"], "b": []}
     assert (project.output("a") / "config.json").read_bytes() == config_before
 
 

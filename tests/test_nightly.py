@@ -54,7 +54,9 @@ def test_batch_with_a_broken_checkpoint_converts_the_rest_and_reports(project):
     assert all(stages_a[stage]["seconds"] >= 0 for stage in STAGES)
     assert stages_a["load"]["input_bytes"] == (project.root / "ckpts" / "a.ckpt").stat().st_size
     assert stages_a["save_safetensors"]["output_bytes"] == sum(
-        (project.output("a") / name).stat().st_size for name in ("model.safetensors", "provenance.json"))
+        path.stat().st_size for path in (project.output("a") / "model.safetensors",
+                                         project.output("a") / "provenance.json",
+                                         project.root / "build" / "a" / "saved.json"))
     assert {key: report["totals"][key] for key in ("checkpoints", "converted", "up to date", "failed", "skipped")} == {
         "checkpoints": 3, "converted": 2, "up to date": 0, "failed": 1, "skipped": 0}
 

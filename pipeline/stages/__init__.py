@@ -6,8 +6,9 @@ save_safetensors reads tensor data, straight from the checkpoint.
     load              checkpoint  -> build/<name>/load.json   where the state dict is, what is kept
     flatten           load.json   -> build/<name>/flat.json   canonical names, shapes, dtypes
     transform         flat.json   -> build/<name>/plan.json   output names, shapes, rows; sizes
-    save_safetensors  plan.json   -> <output>/model.safetensors (+ provenance.json)
-    write_index       model.safetensors -> <output>/index.json
+    save_safetensors  plan.json   -> <output>/model.safetensors, provenance.json;
+                                     build/<name>/saved.json  its size and header hash
+    write_index       saved.json  -> <output>/index.json
     write_config      plan.json   -> <output>/config.json
 """
 
@@ -58,6 +59,10 @@ class Job:
     @property
     def plan_json(self) -> Path:
         return self.build / "plan.json"
+
+    @property
+    def saved_json(self) -> Path:
+        return self.build / "saved.json"
 
     @property
     def model(self) -> Path:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from loguru import logger
 
-from pipeline.files import write_json
+from pipeline.files import read_json, write_json
 from pipeline.stages import Job
 
 
@@ -13,6 +13,6 @@ def index_for(model_size: int) -> dict:
 
 
 def run(job: Job) -> None:
-    size = job.model.stat().st_size
+    size = read_json(job.saved_json)["size"]
     write_json(job.index, index_for(size))
     logger.info(f"wrote {job.index} (total_size {size})")

@@ -2,7 +2,9 @@
 
 Writes `load.json`: where the state dict sits, the kept entries (key, shape, dtype),
 how many were dropped and why, and the source's size and sha256. The hash runs on
-another core while torch unpickles, so it costs no wall time of its own.
+another core while torch is imported and unpickles, so it costs little wall time of
+its own. The opened checkpoint is kept for save_safetensors when it runs next in this
+process.
 """
 
 from __future__ import annotations
@@ -23,8 +25,12 @@ MIB = 1 << 20
 def run(job: Job) -> None:
     fmt = sniff(job.source)
     source_hash = BackgroundHash(job.source)
-    loaded = open_checkpoint(job.source, trusted=job.trusted, kind=fmt)
-    at, state_dict = find_state_dict(loaded.content, job.source)
+    try:
+        loaded = open_checkpoint(job.source, trusted=job.trusted, kind=fmt, keep=True)
+        at, state_dict = find_state_dict(loaded.content, job.source)
+    except BaseException:
+        source_hash.cancel()
+        raise
     kept, dropped, kept_bytes = [], Counter(), 0
     for key, value in state_dict.items():
         if not hasattr(value, "shape") or not isinstance(key, str):

@@ -1,12 +1,16 @@
 """save_safetensors: write model.safetensors from the plan, and provenance.json.
 
-The checkpoint is memory-mapped again and only the planned tensors are touched: rows
-and reshapes are views, so safetensors writes straight from the mapped file and the
-process holds little more than one output's worth of pages.
+The checkpoint is memory-mapped and only the planned tensors are touched: rows and
+reshapes are views, so safetensors writes straight from the mapped file and the process
+holds little more than one output's worth of pages.
+
+`build/<name>/saved.json` records the written file's size and header hash: all that
+write_index needs, so no later step hashes 256 MB of output to see whether it changed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import struct
@@ -43,10 +47,12 @@ def run(job: Job) -> None:
     }
     write_safetensors(tensors, header, job.model)
     del tensors, state_dict, checkpoint
-    verify(job.model, plan)
+    header_sha256 = verify(job.model, plan)
     size = job.model.stat().st_size
     logger.info(f"wrote {job.model} ({len(plan['tensors'])} tensors, {size / MIB:.1f} MiB)")
     write_json(job.provenance, provenance(job, loaded))
+    write_json(job.saved_json, {"model": str(job.model), "size": size,
+                                "header_sha256": header_sha256}, indent=1)
 
 
 def _planned_tensor(state_dict, item: dict, job: Job):
@@ -130,8 +136,8 @@ def written_by_us(path: Path) -> bool:
     return header.get("converter", "").startswith("wavtokenizer-pipeline ")
 
 
-def verify(path: Path, plan: dict) -> None:
-    """Read the written header back and compare every name, shape and dtype."""
+def verify(path: Path, plan: dict) -> str:
+    """Read the written header back, compare every name, shape and dtype; its sha256."""
     from safetensors import safe_open
 
     expected = {item["name"]: (tuple(item["shape"]), item["dtype"]) for item in plan["tensors"]}
@@ -143,6 +149,9 @@ def verify(path: Path, plan: dict) -> None:
     if found != expected:
         wrong = sorted(set(found.items()) ^ set(expected.items()), key=str)
         raise ConversionError(f"{path}: written tensors differ from the plan: {wrong[:3]}")
+    with path.open("rb") as file:
+        (length,) = struct.unpack("<Q", file.read(8))
+        return hashlib.sha256(file.read(length)).hexdigest()
 
 
 SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
