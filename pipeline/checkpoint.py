@@ -141,41 +141,15 @@ def _check_zip(path: Path, size: int) -> None:
                               f"({error})") from error
 
 
-_kept: tuple[tuple, Loaded] | None = None
-
-
 def open_checkpoint(path: Path, *, trusted: bool = False, quiet: bool = False,
-                    kind: str | None = None, keep: bool = False) -> Loaded:
+                    kind: str | None = None) -> Loaded:
     """Unpickle a checkpoint on the CPU; zip files are memory-mapped, not read.
 
-    `kind` is what sniff() said of the file, when the caller already asked it. With
-    `keep`, the result is kept for the next call on the same, unchanged file (one
-    file at a time: the load stage keeps it for save_safetensors).
+    `kind` is what sniff() said of the file, when the caller already asked it.
     """
-    global _kept
-    path = Path(path)
-    version = _file_version(path, trusted)
-    if _kept is not None and _kept[0] == version:
-        loaded, _kept = _kept[1], None
-        return loaded
-    _kept = None
-    loaded = _open(path, trusted=trusted, quiet=quiet, kind=kind)
-    if keep:
-        _kept = (version, loaded)
-    return loaded
-
-
-def _file_version(path: Path, trusted: bool) -> tuple:
-    try:
-        stat = path.stat()
-    except OSError:
-        return (str(path), trusted)
-    return (str(path.absolute()), stat.st_size, stat.st_mtime_ns, stat.st_ino, trusted)
-
-
-def _open(path: Path, *, trusted: bool, quiet: bool, kind: str | None) -> Loaded:
     import torch
 
+    path = Path(path)
     kind = kind or sniff(path)
     log = logger.debug if quiet else logger.info
     if trusted:
@@ -200,6 +174,56 @@ def _open(path: Path, *, trusted: bool, quiet: bool, kind: str | None) -> Loaded
     with torch.serialization.safe_globals(placeholders):
         content = _torch_load(path, kind, weights_only=True)
     return Loaded(path, content, kind, unsafe)
+
+
+def locate(path: Path, tensors: dict[str, "torch.Tensor"]) -> dict[str, dict] | None:
+    """Where each tensor's data lies in the memory-mapped file: byte offset and strides.
+
+    Lets a later stage map the file and take just these tensors, without unpickling it
+    again (which may happen in another of doit's worker processes). None when the
+    tensors are not views of one mapping of the file, as after a legacy load.
+    """
+    start = _mapping_start(path, [t.untyped_storage().data_ptr() for t in tensors.values()])
+    if start is None:
+        return None
+    return {key: {"offset": t.untyped_storage().data_ptr() - start
+                  + t.storage_offset() * t.element_size(), "stride": list(t.stride())}
+            for key, t in tensors.items()}
+
+
+def _mapping_start(path: Path, pointers: list[int]) -> int | None:
+    """Start address of this process's mapping of the whole file holding every pointer."""
+    stat = path.stat()
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return None
+    for line in maps.splitlines():
+        fields = line.split()
+        if len(fields) < 6 or fields[4] != str(stat.st_ino) or int(fields[2], 16) != 0:
+            continue
+        start, end = (int(address, 16) for address in fields[0].split("-"))
+        if end - start >= stat.st_size and all(start <= p < start + stat.st_size for p in pointers):
+            return start
+    return None
+
+
+def map_tensors(path: Path, entries: dict[str, dict]) -> dict[str, "torch.Tensor"]:
+    """Views of the file's bytes as tensors, from the locations `locate` recorded."""
+    import torch
+
+    storage = torch.UntypedStorage.from_file(str(path), shared=False,
+                                             nbytes=path.stat().st_size)
+    tensors = {}
+    for key, entry in entries.items():
+        dtype = getattr(torch, entry["dtype"])
+        offset, size = divmod(entry["offset"], dtype.itemsize)
+        if size:
+            raise CheckpointError(f"{path}: {key!r} is not aligned in the file")
+        tensor = torch.empty(0, dtype=dtype)
+        tensor.set_(storage, offset, entry["shape"], entry["stride"])
+        tensors[key] = tensor
+    return tensors
 
 
 def _torch_load(path: Path, kind: str, *, weights_only: bool) -> Any:

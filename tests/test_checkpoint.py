@@ -149,7 +149,7 @@ def test_default_load_is_weights_only(tmp_path, tiny_path, monkeypatch):
 
     monkeypatch.setattr(torch, "load", spy)
     assert convert(tiny_path, tmp_path, 0, trusted=False) == 0
-    assert calls == [True]  # save_safetensors reuses what load opened
+    assert calls == [True]  # save_safetensors maps what load located, unpickling nothing
 
 
 def test_trusted_loads_fully_with_a_warning(tmp_path, tiny_path, monkeypatch, messages):

@@ -18,12 +18,13 @@ def run(job: Job) -> None:
     loaded = read_json(job.load_json)
     tensors: dict[str, dict] = {}
     prefixes = set()
-    for key, shape, dtype in loaded["kept"]:
+    for entry in loaded["kept"]:
+        key = entry["key"]
         name = canonical_name(key)
         if name in tensors:
             raise ConversionError(f"{job.source}: {tensors[name]['key']!r} and {key!r} "
                                   f"both become {name!r} once their prefix is removed")
-        tensors[name] = {"key": key, "shape": shape, "dtype": dtype}
+        tensors[name] = {"key": key, "shape": entry["shape"], "dtype": entry["dtype"]}
         prefixes.add(key[: len(key) - len(name)])
     stripped = sorted(prefix for prefix in prefixes if prefix)
     logger.info(f"{len(tensors)} tensors named"

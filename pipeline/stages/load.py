@@ -1,10 +1,9 @@
 """load: open the checkpoint safely, find its state dict, keep the decoder's tensors.
 
-Writes `load.json`: where the state dict sits, the kept entries (key, shape, dtype),
-how many were dropped and why, and the source's size and sha256. The hash runs on
-another core while torch is imported and unpickles, so it costs little wall time of
-its own. The opened checkpoint is kept for save_safetensors when it runs next in this
-process.
+Writes `load.json`: where the state dict sits, the kept entries (key, shape, dtype and
+where their bytes lie in the file), how many were dropped and why, and the source's
+size and sha256. The hash runs in a child process while torch is imported and
+unpickles, so it adds little wall time of its own.
 """
 
 from __future__ import annotations
@@ -13,7 +12,7 @@ from collections import Counter
 
 from loguru import logger
 
-from pipeline.checkpoint import describe, find_state_dict, open_checkpoint, sniff
+from pipeline.checkpoint import describe, find_state_dict, locate, open_checkpoint, sniff
 from pipeline.files import write_json
 from pipeline.hashing import BackgroundHash
 from pipeline.rules import canonical_name, drop_reason
@@ -24,14 +23,15 @@ MIB = 1 << 20
 
 def run(job: Job) -> None:
     fmt = sniff(job.source)
+    stat = job.source.stat()
     source_hash = BackgroundHash(job.source)
     try:
-        loaded = open_checkpoint(job.source, trusted=job.trusted, kind=fmt, keep=True)
+        loaded = open_checkpoint(job.source, trusted=job.trusted, kind=fmt)
         at, state_dict = find_state_dict(loaded.content, job.source)
     except BaseException:
         source_hash.cancel()
         raise
-    kept, dropped, kept_bytes = [], Counter(), 0
+    kept, dropped = {}, Counter()
     for key, value in state_dict.items():
         if not hasattr(value, "shape") or not isinstance(key, str):
             dropped["not a tensor"] += 1
@@ -39,9 +39,9 @@ def run(job: Job) -> None:
         reason = drop_reason(canonical_name(key))
         if reason:
             dropped[reason] += 1
-            continue
-        kept.append([key, list(value.shape), str(value.dtype).removeprefix("torch.")])
-        kept_bytes += value.numel() * value.element_size()
+        else:
+            kept[key] = value
+    kept_bytes = sum(t.numel() * t.element_size() for t in kept.values())
     summary = "; ".join(f"{count} {reason}" for reason, count in dropped.most_common())
     logger.info(f"state dict at {describe(at)}: kept {len(kept)} of {len(state_dict)} "
                 f"tensors ({kept_bytes / MIB:.1f} MiB), dropped {sum(dropped.values())}"
@@ -49,15 +49,18 @@ def run(job: Job) -> None:
     for reason in dropped:
         if reason.startswith("not part of the decoder"):
             logger.warning(f"dropped {dropped[reason]} tensor(s) {reason}")
+    locations = locate(job.source, kept) if fmt == "zip" else None
     write_json(job.load_json, {
         "source": str(job.source),
-        "size": job.source.stat().st_size,
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
         "sha256": source_hash.result(),
         "format": fmt,
         "placeholders": loaded.placeholders,
         "top_level_keys": [str(key) for key in loaded.content][:50]
         if isinstance(loaded.content, dict) else [],
         "state_dict_at": at,
-        "kept": kept,
+        "kept": [{"key": key, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
+                  **(locations[key] if locations else {})} for key, t in kept.items()],
         "dropped": dict(dropped),
     }, indent=1)

@@ -1,8 +1,9 @@
 """save_safetensors: write model.safetensors from the plan, and provenance.json.
 
-The checkpoint is memory-mapped and only the planned tensors are touched: rows and
-reshapes are views, so safetensors writes straight from the mapped file and the process
-holds little more than one output's worth of pages.
+The checkpoint is memory-mapped and only the planned tensors are touched, at the places
+load recorded, without unpickling it again: rows and reshapes are views, so safetensors
+writes straight from the mapped file and the process holds little more than one
+output's worth of pages.
 
 `build/<name>/saved.json` records the written file's size and header hash: all that
 write_index needs, so no later step hashes 256 MB of output to see whether it changed.
@@ -21,7 +22,7 @@ from pathlib import Path
 from loguru import logger
 
 from pipeline import __version__
-from pipeline.checkpoint import navigate, open_checkpoint
+from pipeline.checkpoint import map_tensors, navigate, open_checkpoint
 from pipeline.errors import ConversionError, OutputError
 from pipeline.files import atomic_path, output_error, read_json, remove_stale_temps, write_json
 from pipeline.stages import Job
@@ -36,8 +37,7 @@ def run(job: Job) -> None:
     check_output_folder(job.output)
     loaded = read_json(job.load_json)
     plan = read_json(job.plan_json)
-    checkpoint = open_checkpoint(job.source, trusted=job.trusted, quiet=True)
-    state_dict = navigate(checkpoint.content, loaded["state_dict_at"])
+    state_dict = source_tensors(job, loaded)
     tensors = {item["name"]: _planned_tensor(state_dict, item, job) for item in plan["tensors"]}
     header = {
         "format": "pt",
@@ -46,13 +46,28 @@ def run(job: Job) -> None:
         "converter": CONVERTER,
     }
     write_safetensors(tensors, header, job.model)
-    del tensors, state_dict, checkpoint
+    del tensors, state_dict
     header_sha256 = verify(job.model, plan)
     size = job.model.stat().st_size
     logger.info(f"wrote {job.model} ({len(plan['tensors'])} tensors, {size / MIB:.1f} MiB)")
     write_json(job.provenance, provenance(job, loaded))
     write_json(job.saved_json, {"model": str(job.model), "size": size,
                                 "header_sha256": header_sha256}, indent=1)
+
+
+def source_tensors(job: Job, loaded: dict) -> dict:
+    """The kept tensors, mapped from the file where load recorded them.
+
+    Falls back to unpickling again when load could not locate them (a legacy file).
+    """
+    stat = job.source.stat()
+    if (stat.st_size, stat.st_mtime_ns) != (loaded["size"], loaded["mtime_ns"]):
+        raise ConversionError(f"{job.source}: changed since the load stage read it; run again")
+    kept = {entry["key"]: entry for entry in loaded["kept"]}
+    if all("offset" in entry for entry in kept.values()):
+        return map_tensors(job.source, kept)
+    checkpoint = open_checkpoint(job.source, trusted=job.trusted, quiet=True)
+    return navigate(checkpoint.content, loaded["state_dict_at"])
 
 
 def _planned_tensor(state_dict, item: dict, job: Job):
