@@ -28,7 +28,7 @@ from pipeline.synthetic import write_sample
 
 ROOT = Path(__file__).resolve().parent
 PROJECT = project.start(ROOT, sys.argv[1:])
-CONFIGS = ROOT / get_var("configs", "configs")
+CONFIGS = ROOT / (get_var("configs") or "configs")
 
 DOIT_CONFIG = {
     "backend": "sqlite3-durable",
