@@ -48,71 +48,81 @@ JOBS = [Job.of(entry, PROJECT.build) for entry in ENTRIES]
 DOIT_CONFIG["default_tasks"] = [f"{stage}:{job.name}" for job in JOBS for stage in STAGES]
 
 
-def _subtask(stage, position, job, file_dep, targets, settings=None):
+def _meta(job, stage, position):
+    """What the run report and `doit dry-run` read from a task."""
+    return {"checkpoint": job.name, "stage": stage, "position": position,
+            "source": str(job.source), "output": str(job.output)}
+
+
+def _subtask(stage, position, job, *, file_dep, targets, settings=None):
     """One stage of one checkpoint, rerun when its inputs, settings or code change."""
+    code = fingerprint(stage_module(stage))
     return {
         "name": job.name,
+        "doc": f"{job.source} -> {job.output}",
         "actions": [(run_stage, [stage, job])],
         "file_dep": [str(path) for path in file_dep],
         "targets": [str(path) for path in targets],
-        "uptodate": [config_changed({"code": fingerprint(stage_module(stage)), **(settings or {})})],
+        "uptodate": [config_changed({"code": code, **(settings or {})})],
         "clean": True,
-        "meta": {"checkpoint": job.name, "stage": stage, "position": position,
-                 "source": str(job.source), "output": str(job.output)},
+        "meta": _meta(job, stage, position),
     }
 
 
 def task_sample():
     """Generate the synthetic checkpoints that config entries ask for with `sample`."""
-    for position, (entry, job) in enumerate(zip(ENTRIES, JOBS)):
+    for position, (entry, job) in enumerate(zip(ENTRIES, JOBS, strict=True)):
         if entry.sample:
             yield {
                 "name": job.name,
-                "actions": [(write_sample, [str(entry.source), entry.sample, job.name])],
-                "targets": [str(entry.source)],
-                "uptodate": [config_changed({"release": entry.sample,
-                                             "code": fingerprint("pipeline.synthetic")})],
+                "doc": f"{entry.sample}, generated once at {job.source}",
+                "actions": [(write_sample, [str(job.source), entry.sample, job.name])],
+                "targets": [str(job.source)],
+                "uptodate": [True],  # never replaces a file that is already there
                 "clean": True,
-                "meta": {"checkpoint": job.name, "stage": "sample", "position": position,
-                         "source": str(job.source), "output": str(job.output)},
+                "meta": _meta(job, "sample", position),
             }
 
 
 def task_load():
     """Open each checkpoint safely, find its state dict, keep the decoder's tensors."""
     for position, job in enumerate(JOBS):
-        yield _subtask("load", position, job, [job.source], [job.load_json],
-                       {"source": str(job.source), "trusted": job.trusted})
+        yield _subtask("load", position, job, file_dep=[job.source], targets=[job.load_json],
+                       settings={"source": str(job.source), "trusted": job.trusted})
 
 
 def task_flatten():
     """Give every kept tensor its canonical name (prefixes like module. removed)."""
     for position, job in enumerate(JOBS):
-        yield _subtask("flatten", position, job, [job.load_json], [job.flat_json])
+        yield _subtask("flatten", position, job, file_dep=[job.load_json],
+                       targets=[job.flat_json])
 
 
 def task_transform():
     """Apply the rename, reshape and bandwidth-row rules; read the decoder's sizes."""
     for position, job in enumerate(JOBS):
-        yield _subtask("transform", position, job, [job.flat_json], [job.plan_json],
-                       {"bandwidth_id": job.bandwidth_id})
+        yield _subtask("transform", position, job, file_dep=[job.flat_json],
+                       targets=[job.plan_json], settings={"bandwidth_id": job.bandwidth_id})
 
 
 def task_save_safetensors():
     """Write model.safetensors (and provenance.json) into each output folder."""
     for position, job in enumerate(JOBS):
         yield _subtask("save_safetensors", position, job,
-                       [job.source, job.load_json, job.plan_json],
-                       [job.model, job.provenance, job.saved_json], {"entry": job.settings})
+                       file_dep=[job.source, job.load_json, job.plan_json],
+                       targets=[job.model, job.provenance, job.saved_json],
+                       settings={"entry": job.settings})
 
 
 def task_write_index():
     """Write index.json (total size and weight map) beside model.safetensors."""
     for position, job in enumerate(JOBS):
-        yield _subtask("write_index", position, job, [job.saved_json], [job.index])
+        yield _subtask("write_index", position, job, file_dep=[job.saved_json],
+                       targets=[job.index])
 
 
 def task_write_config():
     """Write config.json for llama.cpp, every size read from the checkpoint."""
     for position, job in enumerate(JOBS):
-        yield _subtask("write_config", position, job, [job.plan_json], [job.config])
+        yield _subtask("write_config", position, job, file_dep=[job.plan_json],
+                       targets=[job.config])

@@ -38,17 +38,67 @@ SNIFF_BYTES = 512
 # Modules and names whose appearance in a pickle means it tries to run code. A
 # placeholder would keep them inert too, but such a file is refused outright.
 CODE_RUNNING_MODULES = {
-    "os", "posix", "nt", "sys", "subprocess", "importlib", "runpy", "shutil", "pty",
-    "socket", "ctypes", "marshal", "pickle", "_pickle", "code", "codeop", "types",
-    "functools", "operator", "webbrowser", "multiprocessing", "threading", "signal",
-    "asyncio", "pdb", "timeit", "tempfile", "io", "_io", "urllib", "http", "requests",
-    "dill", "cloudpickle", "commands", "torch.hub", "torch.jit", "torch.ops", "torch._C",
+    "os",
+    "posix",
+    "nt",
+    "sys",
+    "subprocess",
+    "importlib",
+    "runpy",
+    "shutil",
+    "pty",
+    "socket",
+    "ctypes",
+    "marshal",
+    "pickle",
+    "_pickle",
+    "code",
+    "codeop",
+    "types",
+    "functools",
+    "operator",
+    "webbrowser",
+    "multiprocessing",
+    "threading",
+    "signal",
+    "asyncio",
+    "pdb",
+    "timeit",
+    "tempfile",
+    "io",
+    "_io",
+    "urllib",
+    "http",
+    "requests",
+    "dill",
+    "cloudpickle",
+    "commands",
+    "torch.hub",
+    "torch.jit",
+    "torch.ops",
+    "torch._C",
     "torch.utils.cpp_extension",
 }
 CODE_RUNNING_BUILTINS = {
-    "eval", "exec", "compile", "__import__", "open", "getattr", "setattr", "delattr",
-    "globals", "locals", "vars", "breakpoint", "input", "help", "exit", "quit",
-    "__build_class__", "super", "memoryview",
+    "eval",
+    "exec",
+    "compile",
+    "__import__",
+    "open",
+    "getattr",
+    "setattr",
+    "delattr",
+    "globals",
+    "locals",
+    "vars",
+    "breakpoint",
+    "input",
+    "help",
+    "exit",
+    "quit",
+    "__build_class__",
+    "super",
+    "memoryview",
 }
 CODE_RUNNING_NAMES = {"torch.load", "torch.save", "numpy.load", "numpy.save"}
 
@@ -65,7 +115,7 @@ class Loaded:
 
 
 def sniff(path: Path) -> str:
-    """"zip" or "legacy" for a torch.save file; CheckpointError for anything else."""
+    """ "zip" or "legacy" for a torch.save file; CheckpointError for anything else."""
     try:
         size = path.stat().st_size
         with path.open("rb") as file:
@@ -75,31 +125,42 @@ def sniff(path: Path) -> str:
     except OSError as error:
         raise CheckpointError(f"{path}: cannot be read: {error.strerror}") from error
     if size == 0:
-        raise CheckpointError(f"{path}: the file is empty (0 bytes); the copy or download "
-                              "that made it failed")
+        raise CheckpointError(
+            f"{path}: the file is empty (0 bytes); the copy or download that made it failed"
+        )
     if head.startswith(LFS_POINTER):
-        raise CheckpointError(f"{path}: is a Git LFS pointer ({size} bytes), not the "
-                              "checkpoint; fetch the real file with `git lfs pull`")
+        raise CheckpointError(
+            f"{path}: is a Git LFS pointer ({size} bytes), not the "
+            "checkpoint; fetch the real file with `git lfs pull`"
+        )
     if _looks_like_html(head):
-        raise CheckpointError(f"{path}: is an HTML page, not a checkpoint (a login or "
-                              "error page saved by a failed download?); download it again")
+        raise CheckpointError(
+            f"{path}: is an HTML page, not a checkpoint (a login or "
+            "error page saved by a failed download?); download it again"
+        )
     if head.startswith(ZIP_MAGIC):
         _check_zip(path, size)
         return "zip"
     if head.startswith(LEGACY_MAGIC):
         return "legacy"
     if size >= 10 and head[8:10] == b'{"':
-        raise CheckpointError(f"{path}: is a safetensors file, not a training checkpoint; "
-                              "it may already be converted")
+        raise CheckpointError(
+            f"{path}: is a safetensors file, not a training checkpoint; "
+            "it may already be converted"
+        )
     if head[:1] == b"\x80":
-        raise CheckpointError(f"{path}: is a Python pickle but was not written by "
-                              "torch.save; it is not a PyTorch checkpoint")
+        raise CheckpointError(
+            f"{path}: is a Python pickle but was not written by "
+            "torch.save; it is not a PyTorch checkpoint"
+        )
     if _looks_like_text(head):
         first = head.decode("utf-8", "replace").strip().splitlines()[0][:60]
-        raise CheckpointError(f"{path}: is a text file, not a checkpoint (it starts "
-                              f"with {first!r})")
-    raise CheckpointError(f"{path}: is not a PyTorch checkpoint (it starts with bytes "
-                          f"{head[:8].hex(' ')})")
+        raise CheckpointError(
+            f"{path}: is a text file, not a checkpoint (it starts with {first!r})"
+        )
+    raise CheckpointError(
+        f"{path}: is not a PyTorch checkpoint (it starts with bytes {head[:8].hex(' ')})"
+    )
 
 
 def _looks_like_html(head: bytes) -> bool:
@@ -120,29 +181,37 @@ def _check_zip(path: Path, size: int) -> None:
     try:
         with zipfile.ZipFile(path) as archive:
             members = archive.infolist()
-            pickles = [m for m in members if m.filename.endswith("/data.pkl")
-                       or m.filename == "data.pkl"]
+            pickles = [
+                m for m in members if m.filename.endswith("/data.pkl") or m.filename == "data.pkl"
+            ]
             if not pickles:
-                raise CheckpointError(f"{path}: is a zip archive but not a PyTorch "
-                                      "checkpoint (it holds no data.pkl)")
+                raise CheckpointError(
+                    f"{path}: is a zip archive but not a PyTorch checkpoint (it holds no data.pkl)"
+                )
             for member in members:
                 end = member.header_offset + member.compress_size
                 if member.compress_type != zipfile.ZIP_STORED or end > size:
-                    raise CheckpointError(f"{path}: is damaged: zip member "
-                                          f"{member.filename!r} lies outside the file "
-                                          "or is compressed; download it again")
+                    raise CheckpointError(
+                        f"{path}: is damaged: zip member "
+                        f"{member.filename!r} lies outside the file "
+                        "or is compressed; download it again"
+                    )
                 archive.open(member).close()  # checks its local header against the directory
             archive.read(pickles[0])  # checks the pickle's CRC
     except zipfile.BadZipFile as error:
-        raise CheckpointError(f"{path}: is truncated or damaged ({error}); the download "
-                              "or copy probably stopped early; fetch it again") from error
+        raise CheckpointError(
+            f"{path}: is truncated or damaged ({error}); the download "
+            "or copy probably stopped early; fetch it again"
+        ) from error
     except (OSError, EOFError, ValueError, NotImplementedError) as error:
-        raise CheckpointError(f"{path}: is damaged: its zip structure cannot be read "
-                              f"({error})") from error
+        raise CheckpointError(
+            f"{path}: is damaged: its zip structure cannot be read ({error})"
+        ) from error
 
 
-def open_checkpoint(path: Path, *, trusted: bool = False, quiet: bool = False,
-                    kind: str | None = None) -> Loaded:
+def open_checkpoint(
+    path: Path, *, trusted: bool = False, quiet: bool = False, kind: str | None = None
+) -> Loaded:
     """Unpickle a checkpoint on the CPU; zip files are memory-mapped, not read.
 
     `kind` is what sniff() said of the file, when the caller already asked it.
@@ -153,24 +222,31 @@ def open_checkpoint(path: Path, *, trusted: bool = False, quiet: bool = False,
     kind = kind or sniff(path)
     log = logger.debug if quiet else logger.info
     if trusted:
-        logger.warning(f"{path.name}: trusted = true: loading with the full pickle "
-                       "loader, which runs any code the file holds")
+        logger.warning(
+            f"{path.name}: trusted = true: loading with the full pickle "
+            "loader, which runs any code the file holds"
+        )
         return Loaded(path, _torch_load(path, kind, weights_only=False), kind, trusted=True)
     unsafe = sorted(_unsafe_globals(path, kind))
     refused = [name for name in unsafe if _runs_code(name)]
     if refused:
-        raise CheckpointError(f"{path}: refused: its pickle calls {', '.join(refused)}, "
-                              "which would run code on this machine; the file may be "
-                              "malicious and was not loaded")
+        raise CheckpointError(
+            f"{path}: refused: its pickle calls {', '.join(refused)}, "
+            "which would run code on this machine; the file may be "
+            "malicious and was not loaded"
+        )
     placeholders = [_placeholder(name) for name in unsafe]
     for name in unsafe:
         (logger.debug if quiet else logger.warning)(
             f"{path.name}: {name} is not allowed by the weights-only loader (or not "
             "installed here); an inert placeholder stands in for it, never imported or "
-            "called (the state dict does not need it)")
+            "called (the state dict does not need it)"
+        )
     if kind == "legacy":
-        log(f"{path.name}: legacy (pre-zip) serialization: cannot be memory-mapped, "
-            "reading the whole file")
+        log(
+            f"{path.name}: legacy (pre-zip) serialization: cannot be memory-mapped, "
+            "reading the whole file"
+        )
     with torch.serialization.safe_globals(placeholders):
         content = _torch_load(path, kind, weights_only=True)
     return Loaded(path, content, kind, unsafe)
@@ -186,9 +262,15 @@ def locate(path: Path, tensors: dict[str, "torch.Tensor"]) -> dict[str, dict] | 
     start = _mapping_start(path, [t.untyped_storage().data_ptr() for t in tensors.values()])
     if start is None:
         return None
-    return {key: {"offset": t.untyped_storage().data_ptr() - start
-                  + t.storage_offset() * t.element_size(), "stride": list(t.stride())}
-            for key, t in tensors.items()}
+    return {
+        key: {
+            "offset": t.untyped_storage().data_ptr()
+            - start
+            + t.storage_offset() * t.element_size(),
+            "stride": list(t.stride()),
+        }
+        for key, t in tensors.items()
+    }
 
 
 def _mapping_start(path: Path, pointers: list[int]) -> int | None:
@@ -203,7 +285,9 @@ def _mapping_start(path: Path, pointers: list[int]) -> int | None:
         if len(fields) < 6 or fields[4] != str(stat.st_ino) or int(fields[2], 16) != 0:
             continue
         start, end = (int(address, 16) for address in fields[0].split("-"))
-        if end - start >= stat.st_size and all(start <= p < start + stat.st_size for p in pointers):
+        if end - start >= stat.st_size and all(
+            start <= p < start + stat.st_size for p in pointers
+        ):
             return start
     return None
 
@@ -212,8 +296,7 @@ def map_tensors(path: Path, entries: dict[str, dict]) -> dict[str, "torch.Tensor
     """Views of the file's bytes as tensors, from the locations `locate` recorded."""
     import torch
 
-    storage = torch.UntypedStorage.from_file(str(path), shared=False,
-                                             nbytes=path.stat().st_size)
+    storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=path.stat().st_size)
     tensors = {}
     for key, entry in entries.items():
         dtype = getattr(torch, entry["dtype"])
@@ -230,16 +313,30 @@ def _torch_load(path: Path, kind: str, *, weights_only: bool) -> Any:
     import torch
 
     try:
-        return torch.load(path, map_location="cpu", weights_only=weights_only,
-                          mmap=kind == "zip")
+        return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=kind == "zip")
     except pickle.UnpicklingError as error:
-        raise CheckpointError(f"{path}: the weights-only loader refused it: "
-                              f"{_first_line(error)}") from error
-    except (RuntimeError, EOFError, ValueError, KeyError, IndexError, TypeError,
-            AttributeError, OverflowError, MemoryError, UnicodeDecodeError, OSError,
-            ImportError, AssertionError) as error:
-        raise CheckpointError(f"{path}: cannot be read as a checkpoint; it looks truncated "
-                              f"or damaged ({type(error).__name__}: {_first_line(error)})") from error
+        raise CheckpointError(
+            f"{path}: the weights-only loader refused it: {_first_line(error)}"
+        ) from error
+    except (
+        RuntimeError,
+        EOFError,
+        ValueError,
+        KeyError,
+        IndexError,
+        TypeError,
+        AttributeError,
+        OverflowError,
+        MemoryError,
+        UnicodeDecodeError,
+        OSError,
+        ImportError,
+        AssertionError,
+    ) as error:
+        raise CheckpointError(
+            f"{path}: cannot be read as a checkpoint; it looks truncated "
+            f"or damaged ({type(error).__name__}: {_first_line(error)})"
+        ) from error
 
 
 def _first_line(error: BaseException) -> str:
@@ -255,10 +352,19 @@ def _unsafe_globals(path: Path, kind: str) -> set[str]:
         if kind == "zip":
             return set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
         return _legacy_globals(path) - set(_allowed_globals())
-    except (RuntimeError, ValueError, EOFError, KeyError, IndexError, OSError,
-            pickle.UnpicklingError) as error:
-        raise CheckpointError(f"{path}: cannot be read as a checkpoint; it looks truncated "
-                              f"or damaged ({type(error).__name__}: {_first_line(error)})") from error
+    except (
+        RuntimeError,
+        ValueError,
+        EOFError,
+        KeyError,
+        IndexError,
+        OSError,
+        pickle.UnpicklingError,
+    ) as error:
+        raise CheckpointError(
+            f"{path}: cannot be read as a checkpoint; it looks truncated "
+            f"or damaged ({type(error).__name__}: {_first_line(error)})"
+        ) from error
 
 
 def _legacy_globals(path: Path) -> set[str]:
@@ -270,8 +376,10 @@ def _legacy_globals(path: Path) -> set[str]:
                 if opcode.name == "GLOBAL":
                     found.add(str(argument).replace(" ", "."))
                 elif opcode.name == "STACK_GLOBAL":
-                    raise CheckpointError(f"{path}: uses pickle protocol 4 globals, which "
-                                          "torch.save never writes; not a checkpoint")
+                    raise CheckpointError(
+                        f"{path}: uses pickle protocol 4 globals, which "
+                        "torch.save never writes; not a checkpoint"
+                    )
     return found
 
 
@@ -326,20 +434,26 @@ def find_state_dict(content: Any, path: Path) -> tuple[list[str], Mapping[str, "
     """
     candidates = []
     for at, mapping in _mappings(content, []):
-        hits = sum(1 for key, value in mapping.items() if _is_tensor(value)
-                   and isinstance(key, str) and looks_like_decoder(key))
+        hits = sum(
+            1
+            for key, value in mapping.items()
+            if _is_tensor(value) and isinstance(key, str) and looks_like_decoder(key)
+        )
         if hits:
             candidates.append((hits, at, mapping))
     if not candidates:
         raise CheckpointError(
             f"{path}: no WavTokenizer state dict found (no backbone.* or head.out.* "
             f"tensors). Top-level keys: {_top_level(content)}; tensor names seen: "
-            f"{_sample_tensor_names(content)}")
+            f"{_sample_tensor_names(content)}"
+        )
     candidates.sort(key=lambda item: -item[0])
     if len(candidates) > 1 and candidates[0][0] == candidates[1][0]:
         places = " and ".join(describe(at) for _, at, _ in candidates[:2])
-        raise CheckpointError(f"{path}: two state dicts hold the decoder equally "
-                              f"({places}); keep only the one to convert")
+        raise CheckpointError(
+            f"{path}: two state dicts hold the decoder equally "
+            f"({places}); keep only the one to convert"
+        )
     _, at, mapping = candidates[0]
     return at, mapping
 

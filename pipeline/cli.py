@@ -30,8 +30,12 @@ def main(argv: list[str] | None = None) -> int:
     sample = commands.add_parser("sample", help="write a synthetic WavTokenizer checkpoint")
     sample.add_argument("path", type=Path)
     size = sample.add_mutually_exclusive_group()
-    size.add_argument("--release", choices=sorted(RELEASES), default="large-320-24k-4096",
-                      help="full-size layout of this release (default: %(default)s)")
+    size.add_argument(
+        "--release",
+        choices=sorted(RELEASES),
+        default="large-320-24k-4096",
+        help="full-size layout of this release (default: %(default)s)",
+    )
     size.add_argument("--tiny", action="store_true", help="every width divided by 16")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--no-optimizer", action="store_true", help="leave out optimizer states")
@@ -44,8 +48,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def convert_main(argv: list[str] | None = None) -> int:
     """Entry point of the convert-pt-to-hf console script."""
-    parser = argparse.ArgumentParser(prog="convert-pt-to-hf",
-                                     description="Convert one WavTokenizer checkpoint for llama.cpp.")
+    parser = argparse.ArgumentParser(
+        prog="convert-pt-to-hf", description="Convert one WavTokenizer checkpoint for llama.cpp."
+    )
     _convert_arguments(parser)
     args = parser.parse_args(argv)
     logs.configure(None)
@@ -54,19 +59,34 @@ def convert_main(argv: list[str] | None = None) -> int:
 
 def _convert_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", type=Path, help="the .ckpt file")
-    parser.add_argument("--output", type=Path, default=None,
-                        help="output folder (default: the checkpoint's own folder)")
-    parser.add_argument("--bandwidth-id", type=int, default=0,
-                        help="row of the adaptive norms to keep (default: 0)")
-    parser.add_argument("--trusted", action="store_true",
-                        help="allow a full pickle load (runs code in the file!)")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help="output folder (default: the checkpoint's own folder)",
+    )
+    parser.add_argument(
+        "--bandwidth-id",
+        type=int,
+        default=0,
+        help="row of the adaptive norms to keep (default: 0)",
+    )
+    parser.add_argument(
+        "--trusted", action="store_true", help="allow a full pickle load (runs code in the file!)"
+    )
 
 
 def convert(checkpoint: Path, output: Path | None, bandwidth_id: int, trusted: bool) -> int:
     source = checkpoint.absolute()
     folder = (output or source.parent).absolute()
-    settings = {"name": task_name(source), "source": str(source), "output": str(folder),
-                "bandwidth_id": bandwidth_id, "trusted": trusted, "sample": None}
+    settings = {
+        "name": task_name(source),
+        "source": str(source),
+        "output": str(folder),
+        "bandwidth_id": bandwidth_id,
+        "trusted": trusted,
+        "sample": None,
+    }
     with tempfile.TemporaryDirectory(prefix="convert-pt-to-hf-") as build:
         job = Job(task_name(source), source, folder, Path(build), bandwidth_id, trusted, settings)
         for stage in STAGES:
@@ -83,8 +103,9 @@ def write_sample(args: argparse.Namespace) -> int:
     if args.tiny:
         synthetic.write_tiny(args.path, seed=args.seed, optimizer=not args.no_optimizer)
     else:
-        synthetic.write_release(args.path, args.release, seed=args.seed,
-                                optimizer=not args.no_optimizer)
+        synthetic.write_release(
+            args.path, args.release, seed=args.seed, optimizer=not args.no_optimizer
+        )
     logger.info(f"wrote {args.path} ({args.path.stat().st_size / (1 << 20):.1f} MiB)")
     return 0
 

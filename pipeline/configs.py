@@ -40,20 +40,26 @@ class Entry:
     def settings(self) -> dict[str, Any]:
         """The entry as plain JSON values, for change detection and provenance."""
         values = asdict(self)
-        return {key: str(value) if isinstance(value, Path) else value
-                for key, value in values.items() if key != "origin"}
+        return {
+            key: str(value) if isinstance(value, Path) else value
+            for key, value in values.items()
+            if key != "origin"
+        }
 
 
 def read_configs(folder: Path, project_root: Path) -> list[Entry]:
     """Every entry of every *.toml file in folder, in file order; raises ConfigError."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise ConfigError(f"configs folder {str(folder)!r} does not exist; create it or "
-                          "pass configs=DIR")
+        raise ConfigError(
+            f"configs folder {str(folder)!r} does not exist; create it or pass configs=DIR"
+        )
     files = sorted(folder.glob("*.toml"))
     if not files:
-        raise ConfigError(f"configs folder {str(folder)!r} holds no *.toml file; add one "
-                          "listing your checkpoints (see README.md)")
+        raise ConfigError(
+            f"configs folder {str(folder)!r} holds no *.toml file; add one "
+            "listing your checkpoints (see README.md)"
+        )
     entries: list[Entry] = []
     for path in files:
         entries += read_config(path, project_root)
@@ -89,8 +95,9 @@ def _check_keys(table: dict, allowed: set[str], where: str) -> None:
         if key not in allowed:
             close = difflib.get_close_matches(key, sorted(allowed), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"{where}: unknown key {key!r}{hint} "
-                              f"(allowed: {', '.join(sorted(allowed))})")
+            raise ConfigError(
+                f"{where}: unknown key {key!r}{hint} (allowed: {', '.join(sorted(allowed))})"
+            )
 
 
 def _resolve(path: Path, values: dict[str, Any], where: str, project_root: Path) -> list[Entry]:
@@ -105,33 +112,41 @@ def _resolve(path: Path, values: dict[str, Any], where: str, project_root: Path)
     if bandwidth_id < 0:
         raise ConfigError(f"{where}: bandwidth_id must be 0 or more, got {bandwidth_id}")
     if sample is not None and sample not in RELEASES:
-        raise ConfigError(f"{where}: sample {sample!r} is not a known release "
-                          f"(one of {', '.join(RELEASES)})")
+        raise ConfigError(
+            f"{where}: sample {sample!r} is not a known release (one of {', '.join(RELEASES)})"
+        )
     if name is not None and not NAME.fullmatch(name):
-        raise ConfigError(f"{where}: name {name!r} may hold only letters, digits, '.', "
-                          "'_' and '-', so that it can be selected on the command line")
+        raise ConfigError(
+            f"{where}: name {name!r} may hold only letters, digits, '.', "
+            "'_' and '-', so that it can be selected on the command line"
+        )
     sources = _sources(base / Path(source).expanduser(), sample, where)
     if len(sources) > 1 and (name is not None or output is not None):
-        raise ConfigError(f"{where}: a glob matching {len(sources)} files cannot take one "
-                          "name or output; drop them or list the files one by one")
+        raise ConfigError(
+            f"{where}: a glob matching {len(sources)} files cannot take one "
+            "name or output; drop them or list the files one by one"
+        )
     root = _path(base, output_root) if output_root else project_root / "converted"
     entries = []
     for found in sources:
         entry_name = name or task_name(found)
-        entries.append(Entry(
-            name=entry_name,
-            source=found,
-            output=_path(base, output) if output else root / entry_name,
-            bandwidth_id=bandwidth_id,
-            trusted=trusted,
-            sample=sample,
-            origin=where,
-        ))
+        entries.append(
+            Entry(
+                name=entry_name,
+                source=found,
+                output=_path(base, output) if output else root / entry_name,
+                bandwidth_id=bandwidth_id,
+                trusted=trusted,
+                sample=sample,
+                origin=where,
+            )
+        )
     return entries
 
 
-def _typed(values: dict, key: str, kind: type, where: str, *, required: bool = False,
-           default: Any = None) -> Any:
+def _typed(
+    values: dict, key: str, kind: type, where: str, *, required: bool = False, default: Any = None
+) -> Any:
     if key not in values:
         if required:
             raise ConfigError(f"{where}: missing required key {key!r}")
@@ -146,8 +161,9 @@ def _sources(pattern: Path, sample: str | None, where: str) -> list[Path]:
     text = str(pattern)
     if GLOB_CHARS.search(text):
         if sample is not None:
-            raise ConfigError(f"{where}: a sample is generated at one path; its source "
-                              "cannot be a glob")
+            raise ConfigError(
+                f"{where}: a sample is generated at one path; its source cannot be a glob"
+            )
         found = sorted(_absolute(Path(match)) for match in glob.glob(text, recursive=True))
         files = [match for match in found if match.is_file()]
         if not files:
@@ -190,5 +206,6 @@ def _check_unique(entries: list[Entry]) -> None:
                 raise ConfigError(
                     f"two checkpoints share the {attribute} {str(value)!r}: "
                     f"{first.source} from {first.origin} and {entry.source} from "
-                    f"{entry.origin}; give one of them its own {attribute}")
+                    f"{entry.origin}; give one of them its own {attribute}"
+                )
             seen[value] = entry

@@ -22,8 +22,10 @@ class DurableSqliteDB(SqliteDB):
 
     def set(self, task_id, dependency, value):
         super().set(task_id, dependency, value)
-        self._conn.execute("insert or replace into doit values (?,?)",
-                           (task_id, self.codec.encode(self._cache[task_id])))
+        self._conn.execute(
+            "insert or replace into doit values (?,?)",
+            (task_id, self.codec.encode(self._cache[task_id])),
+        )
         self._conn.commit()
         self._dirty.discard(task_id)
 

@@ -42,11 +42,14 @@ class DryRun(DoitCmdBase):
             verdict = self._verdict(task, tasks, producers, will_run)
             meta = task.meta or {}
             by_checkpoint.setdefault(meta.get("checkpoint", name), []).append(
-                (meta.get("stage", name), verdict))
+                (meta.get("stage", name), verdict)
+            )
         for checkpoint, stages in by_checkpoint.items():
             busy = [stage for stage, verdict in stages if verdict != "up to date"]
-            self.outstream.write(f"{checkpoint}: "
-                                 + ("up to date\n" if not busy else f"{len(busy)} stage(s) may run\n"))
+            self.outstream.write(
+                f"{checkpoint}: "
+                + ("up to date\n" if not busy else f"{len(busy)} stage(s) may run\n")
+            )
             for stage, verdict in stages:
                 self.outstream.write(f"  {stage:<17} {verdict}\n")
         return 0
@@ -56,8 +59,10 @@ class DryRun(DoitCmdBase):
         if status.status != "up-to-date":
             will_run.add(task.name)
             return "runs: " + _reasons(status.reasons)
-        upstream = sorted({producers[dep] for dep in task.file_dep if producers.get(dep) in will_run}
-                          | (set(task.task_dep) & will_run))
+        upstream = sorted(
+            {producers[dep] for dep in task.file_dep if producers.get(dep) in will_run}
+            | (set(task.task_dep) & will_run)
+        )
         if upstream:
             will_run.add(task.name)
             return f"waits on {', '.join(upstream)}: runs if its output changes"

@@ -49,10 +49,15 @@ def atomic_path(target: Path) -> Iterator[Path]:
 def output_error(error: BaseException, folder: Path) -> OutputError:
     """An OutputError naming the folder; a full disk is said in so many words."""
     text = str(error)
-    if getattr(error, "errno", None) == errno.ENOSPC or "os error 28" in text \
-            or "No space left" in text:
-        return OutputError(f"no space left on the device while writing into {folder}; "
-                           "free some space and run again (earlier outputs are intact)")
+    if (
+        getattr(error, "errno", None) == errno.ENOSPC
+        or "os error 28" in text
+        or "No space left" in text
+    ):
+        return OutputError(
+            f"no space left on the device while writing into {folder}; "
+            "free some space and run again (earlier outputs are intact)"
+        )
     reason = getattr(error, "strerror", None) or text
     return OutputError(f"cannot write into {folder}: {reason}")
 

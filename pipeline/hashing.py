@@ -61,7 +61,11 @@ def remember(path: Path, stat: os.stat_result, digest: str, seconds: float) -> N
     """Cache a digest, if the file is still the version that was hashed."""
     logger.debug(f"hashed {path} ({stat.st_size / (1 << 20):.1f} MiB) in {seconds:.2f} s")
     entry = _cache_entry(path)
-    if entry is None or stat.st_size < CACHED_FROM_BYTES or _version(path.stat()) != _version(stat):
+    if (
+        entry is None
+        or stat.st_size < CACHED_FROM_BYTES
+        or _version(path.stat()) != _version(stat)
+    ):
         return
     _store(entry, {"path": str(path.absolute()), "version": _version(stat), "sha256": digest})
 
@@ -89,9 +93,11 @@ def _store(entry: Path, value: dict) -> None:
 
 # A child interpreter that only hashes: started in milliseconds (-I -S), and on its own
 # core without sharing a GIL with torch's import and unpickling in the parent.
-HASH_PROGRAM = ("import hashlib, sys\n"
-                "with open(sys.argv[1], 'rb') as f:\n"
-                "    print(hashlib.file_digest(f, 'sha256').hexdigest())\n")
+HASH_PROGRAM = (
+    "import hashlib, sys\n"
+    "with open(sys.argv[1], 'rb') as f:\n"
+    "    print(hashlib.file_digest(f, 'sha256').hexdigest())\n"
+)
 
 
 class BackgroundHash:
@@ -106,7 +112,10 @@ class BackgroundHash:
         if self._digest is None:
             self._process = subprocess.Popen(
                 [sys.executable, "-I", "-S", "-c", HASH_PROGRAM, str(self.path)],
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
 
     def result(self) -> str:
         if self._digest is not None:

@@ -12,19 +12,29 @@ from pathlib import Path
 
 from loguru import logger
 
-CONSOLE_FORMAT = ("<green>{time:HH:mm:ss}</green> <level>{level: <7}</level> "
-                  "<cyan>{extra[checkpoint]}</cyan> {extra[stage]}: <level>{message}</level>")
-FILE_FORMAT = ("{time:YYYY-MM-DD HH:mm:ss.SSS} {process} {level: <7} "
-               "{extra[checkpoint]} {extra[stage]}: {message}")
+CONSOLE_FORMAT = (
+    "<green>{time:HH:mm:ss}</green> <level>{level: <7}</level> "
+    "<cyan>{extra[checkpoint]}</cyan> {extra[stage]}: <level>{message}</level>"
+)
+FILE_FORMAT = (
+    "{time:YYYY-MM-DD HH:mm:ss.SSS} {process} {level: <7} "
+    "{extra[checkpoint]} {extra[stage]}: {message}"
+)
 
 
 def configure(log_dir: Path | None, *, level: str = "INFO") -> None:
     """Send logs to stderr at `level` and, when log_dir is given, to a rotating file."""
     logger.remove()
     logger.configure(extra={"checkpoint": "-", "stage": "run"})
-    logger.add(sys.stderr, level=level, format=CONSOLE_FORMAT, backtrace=False,
-               diagnose=False)
+    logger.add(sys.stderr, level=level, format=CONSOLE_FORMAT, backtrace=False, diagnose=False)
     if log_dir is not None:
-        logger.add(Path(log_dir) / "pipeline.log", level="DEBUG", format=FILE_FORMAT,
-                   rotation="10 MB", retention=10, enqueue=True, backtrace=True,
-                   diagnose=False)
+        logger.add(
+            Path(log_dir) / "pipeline.log",
+            level="DEBUG",
+            format=FILE_FORMAT,
+            rotation="10 MB",
+            retention=10,
+            enqueue=True,
+            backtrace=True,
+            diagnose=False,
+        )

@@ -1,9 +1,9 @@
 """Where a project keeps its work, and the start-up every doit run shares.
 
-    build/      intermediates (build/<name>/*.json), the hash cache, the run lock
-    converted/  default output root
-    reports/    latest.json, latest.md and dated copies of the last runs
-    logs/       pipeline.log, rotated
+build/      intermediates (build/<name>/*.json), the hash cache, the run lock
+converted/  default output root
+reports/    latest.json, latest.md and dated copies of the last runs
+logs/       pipeline.log, rotated
 """
 
 from __future__ import annotations
@@ -56,9 +56,11 @@ def start(root: Path, argv: list[str]) -> Project:
         try:
             run_lock.acquire(project.lock)
         except run_lock.RunLocked as held:
-            logger.error(f"another doit run is converting in {project.root} ({held}); "
-                         "this one stops without touching anything. Wait for it to "
-                         "finish, or stop it if it is stuck")
+            logger.error(
+                f"another doit run is converting in {project.root} ({held}); "
+                "this one stops without touching anything. Wait for it to "
+                "finish, or stop it if it is stuck"
+            )
             raise SystemExit(EXIT_LOCKED) from None
     _current = project
     return project

@@ -23,8 +23,15 @@ from pipeline import __version__, project
 from pipeline.files import json_bytes, write_bytes
 
 KEEP_REPORTS = 30
-STAGE_ORDER = ("sample", "load", "flatten", "transform", "save_safetensors", "write_index",
-               "write_config")
+STAGE_ORDER = (
+    "sample",
+    "load",
+    "flatten",
+    "transform",
+    "save_safetensors",
+    "write_index",
+    "write_config",
+)
 
 
 @dataclass
@@ -120,9 +127,15 @@ class RunReporter:
             meta = (task.meta or {}) if task is not None else {}
             if "checkpoint" not in meta:
                 continue
-            entry = checkpoints.setdefault(meta["checkpoint"], {
-                "name": meta["checkpoint"], "source": meta.get("source"),
-                "output": meta.get("output"), "stages": {}})
+            entry = checkpoints.setdefault(
+                meta["checkpoint"],
+                {
+                    "name": meta["checkpoint"],
+                    "source": meta.get("source"),
+                    "output": meta.get("output"),
+                    "stages": {},
+                },
+            )
             entry["stages"][meta["stage"]] = record
         rows = [_checkpoint_row(entry) for entry in checkpoints.values()]
         interrupted = any(row["status"] == "interrupted" for row in rows)
@@ -156,10 +169,15 @@ def _checkpoint_row(entry: dict) -> dict:
     else:
         status, reason = "not run", None
     return {
-        "name": entry["name"], "status": status, "reason": reason,
-        "source": entry["source"], "output": entry["output"],
-        "stages": {stage: {key: value for key, value in asdict(record).items()
-                           if key != "started"} for stage, record in stages.items()},
+        "name": entry["name"],
+        "status": status,
+        "reason": reason,
+        "source": entry["source"],
+        "output": entry["output"],
+        "stages": {
+            stage: {key: value for key, value in asdict(record).items() if key != "started"}
+            for stage, record in stages.items()
+        },
     }
 
 
@@ -173,10 +191,14 @@ def _totals(rows: list[dict]) -> dict:
         totals[status] = sum(row["status"] == status for row in rows)
     ran = [stage for row in rows for stage in row["stages"].values() if stage["seconds"]]
     totals["stage_seconds"] = round(sum(stage["seconds"] for stage in ran), 3)
-    totals["source_bytes"] = sum(row["stages"].get("load", {}).get("input_bytes", 0) for row in rows)
+    totals["source_bytes"] = sum(
+        row["stages"].get("load", {}).get("input_bytes", 0) for row in rows
+    )
     totals["output_bytes"] = sum(
-        row["stages"].get(stage, {}).get("output_bytes", 0) for row in rows
-        for stage in ("save_safetensors", "write_index", "write_config"))
+        row["stages"].get(stage, {}).get("output_bytes", 0)
+        for row in rows
+        for stage in ("save_safetensors", "write_index", "write_config")
+    )
     return totals
 
 
@@ -205,8 +227,12 @@ def write_reports(folder: Path, report: dict, started: datetime) -> Path:
     """Write latest.{json,md} and the dated copies; keep the newest KEEP_REPORTS runs."""
     stamp = started.strftime("%Y%m%dT%H%M%S.%fZ")
     data, text = json_bytes(report, indent=2), render_markdown(report).encode()
-    for name, content in ((f"run-{stamp}.json", data), (f"run-{stamp}.md", text),
-                          ("latest.json", data), ("latest.md", text)):
+    for name, content in (
+        (f"run-{stamp}.json", data),
+        (f"run-{stamp}.md", text),
+        ("latest.json", data),
+        ("latest.md", text),
+    ):
         write_bytes(folder / name, content)
     for suffix in (".json", ".md"):
         dated = sorted(folder.glob(f"run-*{suffix}"))
@@ -236,8 +262,11 @@ def render_markdown(report: dict) -> str:
             cells.append(_cell(record))
         reason = (row["reason"] or "").replace("|", "\\|")
         lines.append(f"| {row['name']} | {row['status']} | {reason} | " + " | ".join(cells) + " |")
-    lines += ["", "Stage cells: wall seconds when the stage ran, `=` when it was up to date, "
-              "`-` when it did not run; sizes are in reports/latest.json."]
+    lines += [
+        "",
+        "Stage cells: wall seconds when the stage ran, `=` when it was up to date, "
+        "`-` when it did not run; sizes are in reports/latest.json.",
+    ]
     for error in report["errors"]:
         lines += ["", f"Error: {error}"]
     return "\n".join(lines) + "\n"
@@ -249,7 +278,9 @@ def _cell(record: dict | None) -> str:
     if record["status"] == "up to date":
         return "="
     if record["seconds"] is not None:
-        return f"{record['seconds']:.2f} s" + ("" if record["status"] == "ran" else f" {record['status']}")
+        return f"{record['seconds']:.2f} s" + (
+            "" if record["status"] == "ran" else f" {record['status']}"
+        )
     return record["status"]
 
 
@@ -257,9 +288,11 @@ def _log_summary(report: dict, path: Path | None) -> None:
     totals = report["totals"]
     where = f"; report: {path}" if path else ""
     log = logger.info if report["status"] == "ok" else logger.error
-    log(f"run {report['status']} in {report['seconds']:.1f} s: {totals['converted']} converted, "
+    log(
+        f"run {report['status']} in {report['seconds']:.1f} s: {totals['converted']} converted, "
         f"{totals['up to date']} up to date, {totals['failed']} failed, "
-        f"{totals['skipped']} skipped{where}")
+        f"{totals['skipped']} skipped{where}"
+    )
     for row in report["checkpoints"]:
         if row["status"] in ("failed", "skipped", "interrupted"):
             logger.bind(checkpoint=row["name"]).error(f"{row['status'].upper()}: {row['reason']}")

@@ -35,13 +35,20 @@ HF_CONSTANTS = {
 DROPPED: tuple[tuple[re.Pattern[str], str], ...] = tuple(
     (re.compile(pattern), reason)
     for pattern, reason in (
-        (rf"{re.escape(CODEBOOK)}\.(inited|cluster_size|embed_avg)",
-         "codebook training statistics (llama.cpp skips them)"),
+        (
+            rf"{re.escape(CODEBOOK)}\.(inited|cluster_size|embed_avg)",
+            "codebook training statistics (llama.cpp skips them)",
+        ),
         (r"feature_extractor\.encodec\.encoder\..+", "audio encoder (not used to decode)"),
-        (r"feature_extractor\.encodec\.decoder\..+",
-         "EnCodec's own decoder (the backbone decodes instead)"),
+        (
+            r"feature_extractor\.encodec\.decoder\..+",
+            "EnCodec's own decoder (the backbone decodes instead)",
+        ),
         (r"head\.istft\.window", "fixed STFT window (llama.cpp builds its own)"),
-        (r"(multiperioddisc|multiresddisc|dac|dacdiscriminator)\..+", "discriminator (training only)"),
+        (
+            r"(multiperioddisc|multiresddisc|dac|dacdiscriminator)\..+",
+            "discriminator (training only)",
+        ),
         (r"melspec_loss\..+", "loss buffer (training only)"),
     )
 )
@@ -79,47 +86,114 @@ RULES: tuple[Rule, ...] = (
     _rule(r"backbone\.norm\.scale\.weight", "backbone.norm.weight", ("R", "C"), row=True),
     _rule(r"backbone\.norm\.shift\.weight", "backbone.norm.bias", ("R", "C"), row=True),
     _rule(r"backbone\.norm\.(?P<p>weight|bias)", "backbone.norm.{p}", ("C",)),
-    _rule(r"backbone\.convnext\." + N + r"\.dwconv\.weight",
-          "backbone.convnext.{n}.dwconv.weight", ("C", 1, None)),
-    _rule(r"backbone\.convnext\." + N + r"\.dwconv\.bias",
-          "backbone.convnext.{n}.dwconv.bias", ("C",), column=True),
-    _rule(r"backbone\.convnext\." + N + r"\.norm\.scale\.weight",
-          "backbone.convnext.{n}.norm.weight", ("R", "C"), row=True),
-    _rule(r"backbone\.convnext\." + N + r"\.norm\.shift\.weight",
-          "backbone.convnext.{n}.norm.bias", ("R", "C"), row=True),
-    _rule(r"backbone\.convnext\." + N + r"\.norm\.(?P<p>weight|bias)",
-          "backbone.convnext.{n}.norm.{p}", ("C",)),
-    _rule(r"backbone\.convnext\." + N + r"\.pwconv1\.weight",
-          "backbone.convnext.{n}.pwconv1.weight", ("FF", "C")),
-    _rule(r"backbone\.convnext\." + N + r"\.pwconv1\.bias", "backbone.convnext.{n}.pwconv1.bias", ("FF",)),
-    _rule(r"backbone\.convnext\." + N + r"\.pwconv2\.weight",
-          "backbone.convnext.{n}.pwconv2.weight", ("C", "FF")),
-    _rule(r"backbone\.convnext\." + N + r"\.pwconv2\.bias", "backbone.convnext.{n}.pwconv2.bias", ("C",)),
+    _rule(
+        r"backbone\.convnext\." + N + r"\.dwconv\.weight",
+        "backbone.convnext.{n}.dwconv.weight",
+        ("C", 1, None),
+    ),
+    _rule(
+        r"backbone\.convnext\." + N + r"\.dwconv\.bias",
+        "backbone.convnext.{n}.dwconv.bias",
+        ("C",),
+        column=True,
+    ),
+    _rule(
+        r"backbone\.convnext\." + N + r"\.norm\.scale\.weight",
+        "backbone.convnext.{n}.norm.weight",
+        ("R", "C"),
+        row=True,
+    ),
+    _rule(
+        r"backbone\.convnext\." + N + r"\.norm\.shift\.weight",
+        "backbone.convnext.{n}.norm.bias",
+        ("R", "C"),
+        row=True,
+    ),
+    _rule(
+        r"backbone\.convnext\." + N + r"\.norm\.(?P<p>weight|bias)",
+        "backbone.convnext.{n}.norm.{p}",
+        ("C",),
+    ),
+    _rule(
+        r"backbone\.convnext\." + N + r"\.pwconv1\.weight",
+        "backbone.convnext.{n}.pwconv1.weight",
+        ("FF", "C"),
+    ),
+    _rule(
+        r"backbone\.convnext\." + N + r"\.pwconv1\.bias",
+        "backbone.convnext.{n}.pwconv1.bias",
+        ("FF",),
+    ),
+    _rule(
+        r"backbone\.convnext\." + N + r"\.pwconv2\.weight",
+        "backbone.convnext.{n}.pwconv2.weight",
+        ("C", "FF"),
+    ),
+    _rule(
+        r"backbone\.convnext\." + N + r"\.pwconv2\.bias",
+        "backbone.convnext.{n}.pwconv2.bias",
+        ("C",),
+    ),
     _rule(r"backbone\.convnext\." + N + r"\.gamma", "backbone.convnext.{n}.gamma.weight", ("C",)),
-    _rule(r"backbone\.final_layer_norm\.(?P<p>weight|bias)", "backbone.final_layer_norm.{p}", ("C",)),
-    _rule(POSNET + r"\.(?P<m>norm1|norm2|norm)\.(?P<p>weight|bias)",
-          "backbone.posnet.{n}.{m}.{p}", ("C",), column=True),
-    _rule(POSNET + r"\.(?P<m>conv1|conv2)\.weight", "backbone.posnet.{n}.{m}.weight", ("C", "C", None)),
-    _rule(POSNET + r"\.(?P<m>q|k|v|proj_out)\.weight", "backbone.posnet.{n}.{m}.weight", ("C", "C", 1)),
-    _rule(POSNET + r"\.(?P<m>conv1|conv2|q|k|v|proj_out)\.bias",
-          "backbone.posnet.{n}.{m}.bias", ("C",), column=True),
+    _rule(
+        r"backbone\.final_layer_norm\.(?P<p>weight|bias)", "backbone.final_layer_norm.{p}", ("C",)
+    ),
+    _rule(
+        POSNET + r"\.(?P<m>norm1|norm2|norm)\.(?P<p>weight|bias)",
+        "backbone.posnet.{n}.{m}.{p}",
+        ("C",),
+        column=True,
+    ),
+    _rule(
+        POSNET + r"\.(?P<m>conv1|conv2)\.weight",
+        "backbone.posnet.{n}.{m}.weight",
+        ("C", "C", None),
+    ),
+    _rule(
+        POSNET + r"\.(?P<m>q|k|v|proj_out)\.weight",
+        "backbone.posnet.{n}.{m}.weight",
+        ("C", "C", 1),
+    ),
+    _rule(
+        POSNET + r"\.(?P<m>conv1|conv2|q|k|v|proj_out)\.bias",
+        "backbone.posnet.{n}.{m}.bias",
+        ("C",),
+        column=True,
+    ),
     _rule(POSNET + r"\.(?P<p>weight|bias)", "backbone.posnet.{n}.norm.{p}", ("C",), column=True),
     _rule(r"head\.out\.weight", "head.out.weight", ("H", "C")),
     _rule(r"head\.out\.bias", "head.out.bias", ("H",)),
 )
 
 POSNET_BLOCKS = {
-    "resnet": {f"{m}.{p}" for m in ("norm1", "conv1", "norm2", "conv2") for p in ("weight", "bias")},
-    "attention": {f"{m}.{p}" for m in ("norm", "q", "k", "v", "proj_out") for p in ("weight", "bias")},
+    "resnet": {
+        f"{m}.{p}" for m in ("norm1", "conv1", "norm2", "conv2") for p in ("weight", "bias")
+    },
+    "attention": {
+        f"{m}.{p}" for m in ("norm", "q", "k", "v", "proj_out") for p in ("weight", "bias")
+    },
     "norm": {"weight", "bias"},
 }
-CONVNEXT_BLOCK = {"gamma", "dwconv.weight", "dwconv.bias", "pwconv1.weight", "pwconv1.bias",
-                  "pwconv2.weight", "pwconv2.bias"}
+CONVNEXT_BLOCK = {
+    "gamma",
+    "dwconv.weight",
+    "dwconv.bias",
+    "pwconv1.weight",
+    "pwconv1.bias",
+    "pwconv2.weight",
+    "pwconv2.bias",
+}
 ADAPTIVE_NORM = {"norm.scale.weight", "norm.shift.weight"}
 PLAIN_NORM = {"norm.weight", "norm.bias"}
-REQUIRED = (CODEBOOK_EMBED, "backbone.embed.weight", "backbone.embed.bias",
-            "backbone.final_layer_norm.weight", "backbone.final_layer_norm.bias",
-            "head.out.weight", "head.out.bias")
+REQUIRED = (
+    CODEBOOK_EMBED,
+    "backbone.embed.weight",
+    "backbone.embed.bias",
+    "backbone.final_layer_norm.weight",
+    "backbone.final_layer_norm.bias",
+    "head.out.weight",
+    "head.out.bias",
+)
 
 
 def canonical_name(key: str) -> str:
@@ -129,7 +203,7 @@ def canonical_name(key: str) -> str:
         stripped = False
         for prefix in WRAPPER_PREFIXES:
             if key.startswith(prefix):
-                key, stripped = key[len(prefix):], True
+                key, stripped = key[len(prefix) :], True
     return key
 
 
@@ -172,8 +246,14 @@ class Dims:
     norm_rows: int  # rows of the adaptive norm tables; 0 when the norms are plain
 
     def symbols(self) -> dict[str, int]:
-        return {"C": self.channels, "features": self.features, "vocab": self.vocab,
-                "FF": self.n_ff, "H": self.head, "R": self.norm_rows}
+        return {
+            "C": self.channels,
+            "features": self.features,
+            "vocab": self.vocab,
+            "FF": self.n_ff,
+            "H": self.head,
+            "R": self.norm_rows,
+        }
 
     def hf_config(self) -> dict:
         """config.json for llama.cpp, keys in the order llama.cpp's own example uses."""
@@ -201,7 +281,8 @@ def audit(shapes: dict[str, list[int]]) -> Dims:
         raise ConversionError(
             f"{len(unknown)} tensor(s) in the decoder's scope match no conversion rule: "
             f"{_sample(unknown)}; the checkpoint is not a WavTokenizer decoder this "
-            "converter knows")
+            "converter knows"
+        )
     missing = _missing(shapes)
     if missing:
         raise ConversionError(f"required tensor(s) missing: {_sample(missing)}")
@@ -209,14 +290,20 @@ def audit(shapes: dict[str, list[int]]) -> Dims:
     wrong = []
     for name, shape in sorted(shapes.items()):
         rule, _ = match_rule(name)
-        expected = [dims.symbols().get(axis, axis) if isinstance(axis, str) else axis
-                    for axis in rule.shape]
+        expected = [
+            dims.symbols().get(axis, axis) if isinstance(axis, str) else axis
+            for axis in rule.shape
+        ]
         if len(shape) != len(expected) or any(
-                want is not None and want != got for want, got in zip(expected, shape)):
-            wrong.append(f"{name} is {list(shape)}, expected {_describe(rule.shape, expected)}")
+            want is not None and want != got for want, got in zip(expected, shape)
+        ):
+            wrong.append(f"{name} is {list(shape)}, expected {_describe(expected)}")
     if wrong:
-        raise ConversionError("tensor shape(s) disagree with the rest of the decoder: "
-                              + "; ".join(wrong[:5]) + (" ..." if len(wrong) > 5 else ""))
+        raise ConversionError(
+            "tensor shape(s) disagree with the rest of the decoder: "
+            + "; ".join(wrong[:5])
+            + (" ..." if len(wrong) > 5 else "")
+        )
     return dims
 
 
@@ -226,8 +313,9 @@ def _missing(shapes: dict[str, list[int]]) -> list[str]:
     blocks = _block_indices("backbone.convnext.", shapes)
     for n in range(max(blocks, default=-1) + 1):
         block = f"backbone.convnext.{n}"
-        missing += [f"{block}.{part}" for part in sorted(CONVNEXT_BLOCK)
-                    if f"{block}.{part}" not in shapes]
+        missing += [
+            f"{block}.{part}" for part in sorted(CONVNEXT_BLOCK) if f"{block}.{part}" not in shapes
+        ]
         missing += _missing_norm(block, shapes)
     if not blocks:
         missing.append("backbone.convnext.0.*")
@@ -247,25 +335,37 @@ def _missing_posnet(shapes: dict[str, list[int]]) -> list[str]:
     missing = []
     for n, kind in enumerate(POSNET_LAYOUT):
         block = f"backbone.pos_net.{n}"
-        missing += [f"{block}.{part}" for part in sorted(POSNET_BLOCKS[kind])
-                    if f"{block}.{part}" not in shapes]
-    extra = sorted(name for name in shapes if name.startswith("backbone.pos_net.")
-                   and int(name.split(".")[2]) >= len(POSNET_LAYOUT))
+        missing += [
+            f"{block}.{part}"
+            for part in sorted(POSNET_BLOCKS[kind])
+            if f"{block}.{part}" not in shapes
+        ]
+    extra = sorted(
+        name
+        for name in shapes
+        if name.startswith("backbone.pos_net.") and int(name.split(".")[2]) >= len(POSNET_LAYOUT)
+    )
     if extra:
         raise ConversionError(
             f"the posnet has more blocks than llama.cpp runs ({len(POSNET_LAYOUT)}): "
-            f"{_sample(extra)}")
-    misplaced = [name for name in shapes if name.startswith("backbone.pos_net.")
-                 and name.split(".", 3)[3] not in POSNET_BLOCKS[POSNET_LAYOUT[int(name.split(".")[2])]]]
+            f"{_sample(extra)}"
+        )
+    misplaced = [
+        name
+        for name in shapes
+        if name.startswith("backbone.pos_net.")
+        and name.split(".", 3)[3] not in POSNET_BLOCKS[POSNET_LAYOUT[int(name.split(".")[2])]]
+    ]
     if misplaced:
         raise ConversionError(
             "the posnet's blocks are not laid out as llama.cpp runs them "
-            f"({', '.join(POSNET_LAYOUT)}): {_sample(sorted(misplaced))}")
+            f"({', '.join(POSNET_LAYOUT)}): {_sample(sorted(misplaced))}"
+        )
     return missing
 
 
 def _block_indices(prefix: str, shapes: dict[str, list[int]]) -> set[int]:
-    return {int(name[len(prefix):].split(".")[0]) for name in shapes if name.startswith(prefix)}
+    return {int(name[len(prefix) :].split(".")[0]) for name in shapes if name.startswith(prefix)}
 
 
 def _read_dims(shapes: dict[str, list[int]]) -> Dims:
@@ -282,10 +382,9 @@ def _read_dims(shapes: dict[str, list[int]]) -> Dims:
     )
 
 
-def _describe(symbols: tuple, sizes: list) -> str:
-    parts = [str(size) if size is not None else "k"
-             for symbol, size in zip(symbols, sizes)]
-    return "[" + ", ".join(parts) + "]"
+def _describe(sizes: list) -> str:
+    """A shape for messages; `k` stands for a free kernel size."""
+    return "[" + ", ".join(str(size) if size is not None else "k" for size in sizes) + "]"
 
 
 def _sample(names: list[str], limit: int = 5) -> str:
@@ -304,18 +403,22 @@ class Planned:
     row: int | None
 
 
-def plan(shapes: dict[str, list[int]], dtypes: dict[str, str], bandwidth_id: int) -> tuple[Dims, list[Planned]]:
+def plan(
+    shapes: dict[str, list[int]], dtypes: dict[str, str], bandwidth_id: int
+) -> tuple[Dims, list[Planned]]:
     """The output tensors, sorted by name, for the given bandwidth row."""
     dims = audit(shapes)
     if dims.norm_rows and not 0 <= bandwidth_id < dims.norm_rows:
         raise ConversionError(
             f"bandwidth_id {bandwidth_id} is out of range: the adaptive norms have "
-            f"{dims.norm_rows} rows (0 to {dims.norm_rows - 1})")
+            f"{dims.norm_rows} rows (0 to {dims.norm_rows - 1})"
+        )
     odd = sorted(name for name, dtype in dtypes.items() if dtype not in FLOAT_DTYPES)
     if odd:
         raise ConversionError(
-            f"tensor(s) of a type the decoder cannot use: "
-            + ", ".join(f"{name} ({dtypes[name]})" for name in odd[:5]))
+            "tensor(s) of a type the decoder cannot use: "
+            + ", ".join(f"{name} ({dtypes[name]})" for name in odd[:5])
+        )
     planned = []
     for name, shape in shapes.items():
         rule, out = match_rule(name)

@@ -15,8 +15,18 @@ from pathlib import Path
 # Commands that only read: they never wait for or block a conversion.
 READ_ONLY_COMMANDS = {"list", "help", "info", "dumpdb", "tabcompletion", "dry-run"}
 # doit options that take a value, so that value is not mistaken for a command.
-VALUE_OPTIONS = {"-f", "--file", "-d", "--dir", "--db-file", "--backend", "--codec-cls",
-                 "--check_file_uptodate", "-k", "--seek-file"}
+VALUE_OPTIONS = {
+    "-f",
+    "--file",
+    "-d",
+    "--dir",
+    "--db-file",
+    "--backend",
+    "--codec-cls",
+    "--check_file_uptodate",
+    "-k",
+    "--seek-file",
+}
 
 _held: int | None = None
 

@@ -61,7 +61,10 @@ TINY_SHRINK = 16
 def decoder_entries(dims: Dims) -> list[tuple[str, tuple[int, ...]]]:
     """Names and shapes of the backbone and head, in the training module's order."""
     c, i = dims.dim, dims.intermediate
-    entries = [("backbone.embed.weight", (c, dims.input_channels, 7)), ("backbone.embed.bias", (c,))]
+    entries = [
+        ("backbone.embed.weight", (c, dims.input_channels, 7)),
+        ("backbone.embed.bias", (c,)),
+    ]
     entries += _norm("backbone.norm", c, dims.adanorm)
     for n in range(dims.num_layers):
         block = f"backbone.convnext.{n}"
@@ -70,7 +73,10 @@ def decoder_entries(dims: Dims) -> list[tuple[str, tuple[int, ...]]]:
         entries += _norm(f"{block}.norm", c, dims.adanorm)
         entries += [(f"{block}.pwconv1.weight", (i, c)), (f"{block}.pwconv1.bias", (i,))]
         entries += [(f"{block}.pwconv2.weight", (c, i)), (f"{block}.pwconv2.bias", (c,))]
-    entries += [("backbone.final_layer_norm.weight", (c,)), ("backbone.final_layer_norm.bias", (c,))]
+    entries += [
+        ("backbone.final_layer_norm.weight", (c,)),
+        ("backbone.final_layer_norm.bias", (c,)),
+    ]
     for n in (0, 1, 3, 4):
         entries += _resnet_block(f"backbone.pos_net.{n}", c)
         if n == 1:
@@ -115,15 +121,25 @@ def codebook_entries(dims: Dims) -> list[tuple[str, tuple[int, ...]]]:
 def state_dict_layout(dims: Dims, shrink: int = 1) -> list[tuple[str, tuple[int, ...]]]:
     """Every state dict entry of the training module, in order, as (name, shape)."""
     layout = _training_layout()
-    other = {part: [(name, _shrunk(shape, shrink)) for name, shape in layout[part]]
-             for part in ("encoder", "decoder", "training")}
+    other = {
+        part: [(name, _shrunk(shape, shrink)) for name, shape in layout[part]]
+        for part in ("encoder", "decoder", "training")
+    }
     losses = [entry for entry in other["training"] if entry[0].startswith("melspec_loss.")]
     discriminators = [entry for entry in other["training"] if entry not in losses]
     old, new = SHARED_DISCRIMINATOR
-    shared = [(new + name[len(old):], shape) for name, shape in discriminators
-              if name.startswith(old)]
-    return (other["encoder"] + codebook_entries(dims) + other["decoder"]
-            + decoder_entries(dims) + discriminators + shared + losses)
+    shared = [
+        (new + name[len(old) :], shape) for name, shape in discriminators if name.startswith(old)
+    ]
+    return (
+        other["encoder"]
+        + codebook_entries(dims)
+        + other["decoder"]
+        + decoder_entries(dims)
+        + discriminators
+        + shared
+        + losses
+    )
 
 
 def _training_layout() -> dict[str, Any]:
@@ -156,16 +172,23 @@ def build_checkpoint(
     old, new = SHARED_DISCRIMINATOR
     for name, shape in state_dict_layout(dims, shrink):
         if name.startswith(new):
-            state_dict[name] = state_dict[old + name[len(new):]]
+            state_dict[name] = state_dict[old + name[len(new) :]]
         else:
             state_dict[name] = _random(shape, generator, dtype)
-    generator_params = [n for n in state_dict if n.startswith(("feature_extractor.", "backbone.", "head."))
-                        and not _is_buffer(n)]
-    discriminator_params = [n for n in state_dict if n.startswith(("multiperioddisc.", "multiresddisc.", old))]
+    generator_params = [
+        n
+        for n in state_dict
+        if n.startswith(("feature_extractor.", "backbone.", "head.")) and not _is_buffer(n)
+    ]
+    discriminator_params = [
+        n for n in state_dict if n.startswith(("multiperioddisc.", "multiresddisc.", old))
+    ]
     optimizer_states = []
     if optimizer:
-        optimizer_states = [_adamw_state(state_dict, discriminator_params, generator),
-                            _adamw_state(state_dict, generator_params, generator)]
+        optimizer_states = [
+            _adamw_state(state_dict, discriminator_params, generator),
+            _adamw_state(state_dict, generator_params, generator),
+        ]
     return {
         "epoch": 14,
         "global_step": 3000,
@@ -191,13 +214,17 @@ def build_checkpoint(
     }
 
 
-def _random(shape: tuple[int, ...], generator: "torch.Generator", dtype: "torch.dtype") -> "torch.Tensor":
+def _random(
+    shape: tuple[int, ...], generator: "torch.Generator", dtype: "torch.dtype"
+) -> "torch.Tensor":
     import torch
 
     return torch.randn(shape, generator=generator).to(dtype)
 
 
-def _adamw_state(state_dict: dict, names: list[str], generator: "torch.Generator") -> dict[str, Any]:
+def _adamw_state(
+    state_dict: dict, names: list[str], generator: "torch.Generator"
+) -> dict[str, Any]:
     import torch
 
     state = {}
@@ -208,23 +235,37 @@ def _adamw_state(state_dict: dict, names: list[str], generator: "torch.Generator
             "exp_avg": _random(tuple(param.shape), generator, param.dtype),
             "exp_avg_sq": _random(tuple(param.shape), generator, param.dtype).abs(),
         }
-    group = {"lr": 2e-4, "betas": (0.8, 0.9), "eps": 1e-8, "weight_decay": 0.01,
-             "amsgrad": False, "foreach": None, "maximize": False, "capturable": False,
-             "differentiable": False, "fused": None, "initial_lr": 2e-4,
-             "params": list(range(len(names)))}
+    group = {
+        "lr": 2e-4,
+        "betas": (0.8, 0.9),
+        "eps": 1e-8,
+        "weight_decay": 0.01,
+        "amsgrad": False,
+        "foreach": None,
+        "maximize": False,
+        "capturable": False,
+        "differentiable": False,
+        "fused": None,
+        "initial_lr": 2e-4,
+        "params": list(range(len(names))),
+    }
     return {"state": state, "param_groups": [group]}
 
 
 def _loops() -> dict[str, Any]:
-    progress = {"total": {"ready": 3000, "started": 3000, "processed": 3000, "completed": 3000},
-                "current": {"ready": 200, "started": 200, "processed": 200, "completed": 200}}
+    progress = {
+        "total": {"ready": 3000, "started": 3000, "processed": 3000, "completed": 3000},
+        "current": {"ready": 200, "started": 200, "processed": 200, "completed": 200},
+    }
     return {
         "fit_loop": {
             "state_dict": {},
             "epoch_loop.state_dict": {"_batches_that_stepped": 3000},
             "epoch_loop.batch_progress": progress,
-            "epoch_loop.scheduler_progress": {"total": {"ready": 3000, "completed": 3000},
-                                              "current": {"ready": 200, "completed": 200}},
+            "epoch_loop.scheduler_progress": {
+                "total": {"ready": 3000, "completed": 3000},
+                "current": {"ready": 200, "completed": 200},
+            },
             "epoch_progress": progress,
         },
         "validate_loop": {"state_dict": {}, "dataloader_progress": progress},
@@ -236,8 +277,10 @@ def _loops() -> dict[str, Any]:
 def _callbacks() -> dict[str, Any]:
     import torch
 
-    key = ("ModelCheckpoint{'monitor': 'val_loss', 'mode': 'min', 'every_n_train_steps': 0, "
-           "'every_n_epochs': 1, 'train_time_interval': None}")
+    key = (
+        "ModelCheckpoint{'monitor': 'val_loss', 'mode': 'min', 'every_n_train_steps': 0, "
+        "'every_n_epochs': 1, 'train_time_interval': None}"
+    )
     best = "/data/runs/wavtokenizer/lightning_logs/version_0/checkpoints/epoch=14-step=3000.ckpt"
     return {
         key: {
@@ -255,8 +298,15 @@ def _callbacks() -> dict[str, Any]:
 
 
 def _scheduler() -> dict[str, Any]:
-    return {"base_lrs": [2e-4], "last_epoch": 3000, "verbose": False, "_step_count": 3001,
-            "_get_lr_called_within_step": False, "_last_lr": [1.9e-4], "lr_lambdas": [None]}
+    return {
+        "base_lrs": [2e-4],
+        "last_epoch": 3000,
+        "verbose": False,
+        "_step_count": 3001,
+        "_get_lr_called_within_step": False,
+        "_last_lr": [1.9e-4],
+        "lr_lambdas": [None],
+    }
 
 
 def write_checkpoint(path: Path, checkpoint: dict[str, Any], *, legacy: bool = False) -> Path:
@@ -277,10 +327,13 @@ def write_checkpoint(path: Path, checkpoint: dict[str, Any], *, legacy: bool = F
     return path
 
 
-def write_release(path: Path, release: str = "large-320-24k-4096", *, seed: int = 0,
-                  optimizer: bool = True) -> Path:
+def write_release(
+    path: Path, release: str = "large-320-24k-4096", *, seed: int = 0, optimizer: bool = True
+) -> Path:
     """A full-size checkpoint shaped like a public release (about 2 GB for the large ones)."""
-    return write_checkpoint(path, build_checkpoint(RELEASES[release], seed=seed, optimizer=optimizer))
+    return write_checkpoint(
+        path, build_checkpoint(RELEASES[release], seed=seed, optimizer=optimizer)
+    )
 
 
 def write_tiny(path: Path, *, seed: int = 0, dims: Dims = TINY, **options: Any) -> Path:
@@ -321,7 +374,9 @@ def write_sample(path: str, release: str, name: str) -> None:
     from loguru import logger
 
     with logger.contextualize(checkpoint=name, stage="sample"):
-        logger.info(f"generating a synthetic {release} checkpoint at {path} (about 2 GB, "
-                    "random weights, seed 0)")
+        logger.info(
+            f"generating a synthetic {release} checkpoint at {path} (about 2 GB, "
+            "random weights, seed 0)"
+        )
         write_release(Path(path), release)
         logger.info(f"wrote {path} ({Path(path).stat().st_size / (1 << 20):.0f} MiB)")

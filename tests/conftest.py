@@ -23,8 +23,9 @@ def quiet_logs():
     """Route loguru to pytest's captured stderr for each test; no file sinks."""
     logger.remove()
     logger.configure(extra={"checkpoint": "-", "stage": "test"})
-    handler = logger.add(sys.stderr, level="DEBUG",
-                         format="{level} {extra[checkpoint]} {extra[stage]}: {message}")
+    handler = logger.add(
+        sys.stderr, level="DEBUG", format="{level} {extra[checkpoint]} {extra[stage]}: {message}"
+    )
     hashing.set_cache_dir(None)
     yield
     logger.remove(handler)
@@ -60,19 +61,29 @@ class Project:
     def checkpoint(self, name: str, seed: int = 0, **options) -> Path:
         return synthetic.write_tiny(self.root / "ckpts" / name, seed=seed, **options)
 
-    def doit(self, *args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "doit", *args], cwd=self.root,
-                              capture_output=True, text=True, timeout=timeout,
-                              env={**os.environ, **(env or {})})
+    def doit(
+        self, *args: str, env: dict | None = None, timeout: float = 300
+    ) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "doit", *args],
+            cwd=self.root,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env={**os.environ, **(env or {})},
+        )
 
     def report(self) -> dict:
         return json.loads((self.root / "reports" / "latest.json").read_text())
 
     def ran(self) -> dict[str, list[str]]:
         """Per checkpoint, the stages the last run executed, from its report."""
-        return {row["name"]: [stage for stage, record in row["stages"].items()
-                              if record["status"] == "ran"]
-                for row in self.report()["checkpoints"]}
+        return {
+            row["name"]: [
+                stage for stage, record in row["stages"].items() if record["status"] == "ran"
+            ]
+            for row in self.report()["checkpoints"]
+        }
 
     def output(self, name: str) -> Path:
         return self.root / "converted" / name

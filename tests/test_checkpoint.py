@@ -25,8 +25,9 @@ from tests.test_conversion import expected_outputs
 def messages():
     """Every log line of the test, as (level, message)."""
     lines: list[tuple[str, str]] = []
-    sink = logger.add(lambda m: lines.append((m.record["level"].name, m.record["message"])),
-                      level="DEBUG")
+    sink = logger.add(
+        lambda m: lines.append((m.record["level"].name, m.record["message"])), level="DEBUG"
+    )
     yield lines
     logger.remove(sink)
 
@@ -59,8 +60,10 @@ class DictConfig:
 
 
 def test_foreign_objects_get_placeholders_and_a_warning_each(tmp_path, messages):
-    with synthetic.foreign_module("wavtokenizer_train.callbacks", EMACallback=EMACallback), \
-            synthetic.foreign_module("omegaconf.dictconfig", DictConfig=DictConfig):
+    with (
+        synthetic.foreign_module("wavtokenizer_train.callbacks", EMACallback=EMACallback),
+        synthetic.foreign_module("omegaconf.dictconfig", DictConfig=DictConfig),
+    ):
         checkpoint = tiny(optimizer=False)
         checkpoint["hyper_parameters"]["resume_path"] = pathlib.PosixPath("/data/runs/last.ckpt")
         checkpoint["hyper_parameters"]["config"] = DictConfig({"lr": 2e-4})
@@ -83,8 +86,9 @@ def test_foreign_objects_get_placeholders_and_a_warning_each(tmp_path, messages)
     assert type(callback).__module__ == "wavtokenizer_train.callbacks"
     assert callback.placeholder_state == {"decay": 0.999}
     assert "wavtokenizer_train" not in sys.modules and "omegaconf" not in sys.modules
-    assert torch.equal(converted(tmp_path / "out")["head.out.weight"],
-                       checkpoint["state_dict"]["head.out.weight"])
+    assert torch.equal(
+        converted(tmp_path / "out")["head.out.weight"], checkpoint["state_dict"]["head.out.weight"]
+    )
 
 
 class RunsOsSystem:
@@ -119,12 +123,15 @@ class ImportsOs:
         return __import__, ("os",)
 
 
-@pytest.mark.parametrize("payload, named", [
-    (RunsOsSystem, "posix.system"),
-    (RunsExec, "builtins.exec"),
-    (RunsSubprocess, "commands.call"),
-    (ImportsOs, "builtins.__import__"),
-])
+@pytest.mark.parametrize(
+    "payload, named",
+    [
+        (RunsOsSystem, "posix.system"),
+        (RunsExec, "builtins.exec"),
+        (RunsSubprocess, "commands.call"),
+        (ImportsOs, "builtins.__import__"),
+    ],
+)
 def test_code_in_a_pickle_is_never_run(tmp_path, payload, named, messages):
     marker = tmp_path / "side-effect"
     checkpoint = tiny(optimizer=False)
@@ -134,8 +141,10 @@ def test_code_in_a_pickle_is_never_run(tmp_path, payload, named, messages):
     assert convert(source, tmp_path / "out", 0, trusted=False) == 1
 
     assert not marker.exists()
-    assert (f"{source}: refused: its pickle calls {named}, which would run code on this "
-            "machine; the file may be malicious and was not loaded") in [m for _, m in messages]
+    assert (
+        f"{source}: refused: its pickle calls {named}, which would run code on this "
+        "machine; the file may be malicious and was not loaded"
+    ) in [m for _, m in messages]
     assert not (tmp_path / "out").exists()
 
 
@@ -163,16 +172,21 @@ def test_trusted_loads_fully_with_a_warning(tmp_path, tiny_path, monkeypatch, me
     monkeypatch.setattr(torch, "load", spy)
     assert convert(tiny_path, tmp_path, 0, trusted=True) == 0
     assert calls == [False]
-    assert ("WARNING", "tiny.ckpt: trusted = true: loading with the full pickle loader, "
-            "which runs any code the file holds") in messages
+    assert (
+        "WARNING",
+        "tiny.ckpt: trusted = true: loading with the full pickle loader, "
+        "which runs any code the file holds",
+    ) in messages
 
 
 def test_loader_needs_no_lightning(tiny_path):
-    code = ("import sys, pathlib; sys.modules['pytorch_lightning'] = None; "
-            "sys.modules['lightning'] = None; "
-            "from pipeline.checkpoint import open_checkpoint, find_state_dict; "
-            f"loaded = open_checkpoint(pathlib.Path({str(tiny_path)!r})); "
-            "print(find_state_dict(loaded.content, loaded.path)[0])")
+    code = (
+        "import sys, pathlib; sys.modules['pytorch_lightning'] = None; "
+        "sys.modules['lightning'] = None; "
+        "from pipeline.checkpoint import open_checkpoint, find_state_dict; "
+        f"loaded = open_checkpoint(pathlib.Path({str(tiny_path)!r})); "
+        "print(find_state_dict(loaded.content, loaded.path)[0])"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "['state_dict']"
@@ -207,8 +221,11 @@ def test_legacy_files_fall_back_to_a_normal_load(tmp_path, messages):
     source = synthetic.write_checkpoint(tmp_path / "legacy.ckpt", checkpoint, legacy=True)
     assert sniff(source) == "legacy"
     assert convert(source, tmp_path / "out", 0, trusted=False) == 0
-    assert ("INFO", "legacy.ckpt: legacy (pre-zip) serialization: cannot be memory-mapped, "
-            "reading the whole file") in messages
+    assert (
+        "INFO",
+        "legacy.ckpt: legacy (pre-zip) serialization: cannot be memory-mapped, "
+        "reading the whole file",
+    ) in messages
     expected = expected_outputs(checkpoint["state_dict"], 0)
     assert all(torch.equal(converted(tmp_path / "out")[n], t) for n, t in expected.items())
 
@@ -221,12 +238,15 @@ def test_tensors_saved_on_a_gpu_load_on_the_cpu(tmp_path):
         source = synthetic.write_checkpoint(tmp_path / "gpu.ckpt", checkpoint)
     finally:
         torch.serialization._package_registry[:] = [
-            entry for entry in torch.serialization._package_registry if entry[0] != 0]
+            entry for entry in torch.serialization._package_registry if entry[0] != 0
+        ]
     with pytest.raises(RuntimeError, match="CUDA"):
         torch.load(source, weights_only=True)
     assert convert(source, tmp_path / "out", 0, trusted=False) == 0
-    assert torch.equal(converted(tmp_path / "out")["backbone.embed.weight"],
-                       checkpoint["state_dict"]["backbone.embed.weight"])
+    assert torch.equal(
+        converted(tmp_path / "out")["backbone.embed.weight"],
+        checkpoint["state_dict"]["backbone.embed.weight"],
+    )
 
 
 # Where the state dict is
@@ -240,7 +260,10 @@ LAYOUTS = {
     "lightning, keys reordered": lambda c: dict(reversed(list(c.items()))),
     "bare state dict": lambda c: c["state_dict"],
     "under model": lambda c: {"model": c["state_dict"], "epoch": 3},
-    "under generator, nested": lambda c: {"meta": {"step": 1}, "generator": {"weights": c["state_dict"]}},
+    "under generator, nested": lambda c: {
+        "meta": {"step": 1},
+        "generator": {"weights": c["state_dict"]},
+    },
     "DDP module. prefix": lambda c: {**c, "state_dict": prefixed(c["state_dict"], "module.")},
     "model. prefix": lambda c: {"state_dict": prefixed(c["state_dict"], "model.")},
 }
@@ -266,39 +289,58 @@ def test_half_precision_is_kept(tmp_path, dtype):
 
 def test_no_state_dict_lists_what_is_there(tmp_path):
     source = tmp_path / "other.ckpt"
-    torch.save({"epoch": 1, "weights": {"encoder.conv.weight": torch.zeros(2),
-                                        "encoder.conv.bias": torch.zeros(2)}}, source)
+    torch.save(
+        {
+            "epoch": 1,
+            "weights": {
+                "encoder.conv.weight": torch.zeros(2),
+                "encoder.conv.bias": torch.zeros(2),
+            },
+        },
+        source,
+    )
     loaded = open_checkpoint(source)
     with pytest.raises(CheckpointError) as error:
         find_state_dict(loaded.content, source)
     assert str(error.value) == (
         f"{source}: no WavTokenizer state dict found (no backbone.* or head.out.* tensors). "
         "Top-level keys: 'epoch', 'weights'; tensor names seen: weights.encoder.conv.weight, "
-        "weights.encoder.conv.bias")
+        "weights.encoder.conv.bias"
+    )
 
 
 def test_load_logs_kept_and_dropped(tmp_path, tiny_path, messages):
     assert convert(tiny_path, tmp_path, 0, trusted=False) == 0
-    assert ("INFO", "state dict at 'state_dict': kept 161 of 1091 tensors (1.7 MiB), dropped "
-            "930: 800 discriminator (training only); 62 audio encoder (not used to decode); "
-            "62 EnCodec's own decoder (the backbone decodes instead); 3 codebook training "
-            "statistics (llama.cpp skips them); 2 loss buffer (training only); 1 fixed STFT "
-            "window (llama.cpp builds its own)") in messages
+    assert (
+        "INFO",
+        "state dict at 'state_dict': kept 161 of 1091 tensors (1.7 MiB), dropped "
+        "930: 800 discriminator (training only); 62 audio encoder (not used to decode); "
+        "62 EnCodec's own decoder (the backbone decodes instead); 3 codebook training "
+        "statistics (llama.cpp skips them); 2 loss buffer (training only); 1 fixed STFT "
+        "window (llama.cpp builds its own)",
+    ) in messages
 
 
 # Audit
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda sd: sd.__setitem__("backbone.convnext.0.extra.weight", torch.zeros(3)),
-     "1 tensor(s) in the decoder's scope match no conversion rule: "
-     "'backbone.convnext.0.extra.weight'; the checkpoint is not a WavTokenizer decoder "
-     "this converter knows"),
-    (lambda sd: sd.pop("head.out.weight"), "required tensor(s) missing: 'head.out.weight'"),
-    (lambda sd: sd.__setitem__("backbone.convnext.4.pwconv2.weight", torch.zeros(64, 100)),
-     "tensor shape(s) disagree with the rest of the decoder: backbone.convnext.4.pwconv2.weight "
-     "is [64, 100], expected [64, 192]"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            lambda sd: sd.__setitem__("backbone.convnext.0.extra.weight", torch.zeros(3)),
+            "1 tensor(s) in the decoder's scope match no conversion rule: "
+            "'backbone.convnext.0.extra.weight'; the checkpoint is not a WavTokenizer decoder "
+            "this converter knows",
+        ),
+        (lambda sd: sd.pop("head.out.weight"), "required tensor(s) missing: 'head.out.weight'"),
+        (
+            lambda sd: sd.__setitem__("backbone.convnext.4.pwconv2.weight", torch.zeros(64, 100)),
+            "tensor shape(s) disagree with the rest of the decoder: backbone.convnext.4.pwconv2.weight "
+            "is [64, 100], expected [64, 192]",
+        ),
+    ],
+)
 def test_audit_names_the_tensor(tmp_path, change, message, messages):
     checkpoint = tiny(optimizer=False)
     change(checkpoint["state_dict"])
@@ -312,19 +354,28 @@ def test_audit_names_the_tensor(tmp_path, change, message, messages):
 
 BAD_FILES = {
     "empty": (b"", "the file is empty (0 bytes); the copy or download that made it failed"),
-    "lfs": (b"version https://git-lfs.github.com/spec/v1\noid sha256:4d7a\nsize 1995604300\n",
-            "is a Git LFS pointer (75 bytes), not the checkpoint; fetch the real file with "
-            "`git lfs pull`"),
-    "html": (b"\n<!DOCTYPE html><html><body>Access denied</body></html>",
-             "is an HTML page, not a checkpoint (a login or error page saved by a failed "
-             "download?); download it again"),
-    "text": (b"model weights will be uploaded later\n",
-             "is a text file, not a checkpoint (it starts with 'model weights will be "
-             "uploaded later')"),
-    "binary": (bytes(range(200, 256)) * 3, "is not a PyTorch checkpoint (it starts with bytes "
-                                           "c8 c9 ca cb cc cd ce cf)"),
-    "pickle": (b"\x80\x04\x95\x05\x00\x00\x00\x00\x00\x00\x00K\x01.", "is a Python pickle but "
-               "was not written by torch.save; it is not a PyTorch checkpoint"),
+    "lfs": (
+        b"version https://git-lfs.github.com/spec/v1\noid sha256:4d7a\nsize 1995604300\n",
+        "is a Git LFS pointer (75 bytes), not the checkpoint; fetch the real file with "
+        "`git lfs pull`",
+    ),
+    "html": (
+        b"\n<!DOCTYPE html><html><body>Access denied</body></html>",
+        "is an HTML page, not a checkpoint (a login or error page saved by a failed "
+        "download?); download it again",
+    ),
+    "text": (
+        b"model weights will be uploaded later\n",
+        "is a text file, not a checkpoint (it starts with 'model weights will be uploaded later')",
+    ),
+    "binary": (
+        bytes(range(200, 256)) * 3,
+        "is not a PyTorch checkpoint (it starts with bytes c8 c9 ca cb cc cd ce cf)",
+    ),
+    "pickle": (
+        b"\x80\x04\x95\x05\x00\x00\x00\x00\x00\x00\x00K\x01.",
+        "is a Python pickle but was not written by torch.save; it is not a PyTorch checkpoint",
+    ),
 }
 
 
@@ -344,8 +395,10 @@ def test_truncated_download(tmp_path, tiny_path):
     path.write_bytes(tiny_path.read_bytes()[:1_000_000])
     with pytest.raises(CheckpointError) as error:
         sniff(path)
-    assert str(error.value) == (f"{path}: is truncated or damaged (File is not a zip file); "
-                                "the download or copy probably stopped early; fetch it again")
+    assert str(error.value) == (
+        f"{path}: is truncated or damaged (File is not a zip file); "
+        "the download or copy probably stopped early; fetch it again"
+    )
 
 
 def test_safetensors_file_given_as_checkpoint(tmp_path, tiny_path):

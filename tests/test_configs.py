@@ -30,7 +30,9 @@ def read(layout: Path) -> list[Entry]:
 
 
 def test_defaults_globs_and_relative_paths(layout):
-    write(layout, """
+    write(
+        layout,
+        """
 [defaults]
 bandwidth_id = 2
 
@@ -43,65 +45,133 @@ name = "a-again"
 output = "../elsewhere"
 bandwidth_id = 0
 trusted = true
-""")
+""",
+    )
     ckpts, converted = layout / "ckpts", layout / "converted"
     config = str(layout / "configs" / "team.toml")
     assert read(layout) == [
-        Entry("a", ckpts / "a.ckpt", converted / "a", 2, False, None,
-              f"{config}: [[checkpoint]] #1 (source '../ckpts/*.ckpt')"),
-        Entry("b", ckpts / "b.ckpt", converted / "b", 2, False, None,
-              f"{config}: [[checkpoint]] #1 (source '../ckpts/*.ckpt')"),
-        Entry("epoch_14-step_3000", ckpts / "epoch=14-step=3000.ckpt",
-              converted / "epoch_14-step_3000", 2, False, None,
-              f"{config}: [[checkpoint]] #1 (source '../ckpts/*.ckpt')"),
-        Entry("a-again", ckpts / "a.ckpt", layout / "elsewhere", 0, True, None,
-              f"{config}: [[checkpoint]] #2 (source '../ckpts/a.ckpt')"),
+        Entry(
+            "a",
+            ckpts / "a.ckpt",
+            converted / "a",
+            2,
+            False,
+            None,
+            f"{config}: [[checkpoint]] #1 (source '../ckpts/*.ckpt')",
+        ),
+        Entry(
+            "b",
+            ckpts / "b.ckpt",
+            converted / "b",
+            2,
+            False,
+            None,
+            f"{config}: [[checkpoint]] #1 (source '../ckpts/*.ckpt')",
+        ),
+        Entry(
+            "epoch_14-step_3000",
+            ckpts / "epoch=14-step=3000.ckpt",
+            converted / "epoch_14-step_3000",
+            2,
+            False,
+            None,
+            f"{config}: [[checkpoint]] #1 (source '../ckpts/*.ckpt')",
+        ),
+        Entry(
+            "a-again",
+            ckpts / "a.ckpt",
+            layout / "elsewhere",
+            0,
+            True,
+            None,
+            f"{config}: [[checkpoint]] #2 (source '../ckpts/a.ckpt')",
+        ),
     ]
 
 
 def test_output_root_default_and_override(layout):
-    write(layout, '[defaults]\noutput_root = "/srv/out"\n[[checkpoint]]\nsource = "../ckpts/a.ckpt"\n')
+    write(
+        layout,
+        '[defaults]\noutput_root = "/srv/out"\n[[checkpoint]]\nsource = "../ckpts/a.ckpt"\n',
+    )
     assert read(layout)[0].output == Path("/srv/out/a")
 
 
 def test_settings_are_plain_values(layout):
     write(layout, '[[checkpoint]]\nsource = "../ckpts/a.ckpt"\n')
     assert read(layout)[0].settings() == {
-        "name": "a", "source": str(layout / "ckpts" / "a.ckpt"),
-        "output": str(layout / "converted" / "a"), "bandwidth_id": 0, "trusted": False,
-        "sample": None}
+        "name": "a",
+        "source": str(layout / "ckpts" / "a.ckpt"),
+        "output": str(layout / "converted" / "a"),
+        "bandwidth_id": 0,
+        "trusted": False,
+        "sample": None,
+    }
 
 
-@pytest.mark.parametrize("stem, name", [
-    ("epoch=14-step=3000", "epoch_14-step_3000"),
-    ("last", "last"),
-    ("my model (v2)", "my_model_v2"),
-    ("===", "checkpoint"),
-])
+@pytest.mark.parametrize(
+    "stem, name",
+    [
+        ("epoch=14-step=3000", "epoch_14-step_3000"),
+        ("last", "last"),
+        ("my model (v2)", "my_model_v2"),
+        ("===", "checkpoint"),
+    ],
+)
 def test_task_names_are_safe_on_doit_command_line(stem, name):
     assert task_name(Path(f"/x/{stem}.ckpt")) == name
 
 
-@pytest.mark.parametrize("text, message", [
-    ('[[checkpoint]]\nsource = "../ckpts/a.ckpt"\nbandwith_id = 1\n',
-     r"team.toml: \[\[checkpoint\]\] #1 \(source '../ckpts/a.ckpt'\): unknown key 'bandwith_id'; "
-     r"did you mean 'bandwidth_id'\?"),
-    ('[defaults]\nname = "x"\n[[checkpoint]]\nsource = "../ckpts/a.ckpt"\n',
-     r"team.toml: \[defaults\]: unknown key 'name'"),
-    ('[checkpoints]\nsource = "x"\n', r"team.toml: unknown key 'checkpoints'; did you mean 'checkpoint'\?"),
-    ('[[checkpoint]]\nsource = "../ckpts/missing.ckpt"\n',
-     r"team.toml: \[\[checkpoint\]\] #1 \(source '../ckpts/missing.ckpt'\): source '.*/ckpts/missing.ckpt' does not exist"),
-    ('[[checkpoint]]\nsource = "../ckpts"\n', r"source '.*/ckpts' is a folder, not a file"),
-    ('[[checkpoint]]\nsource = "../ckpts/*.pt"\n', r"glob '.*/ckpts/\*.pt' matches no file"),
-    ('[[checkpoint]]\nname = "x"\n', r"#1: missing required key 'source'"),
-    ('[[checkpoint]]\nsource = "../ckpts/a.ckpt"\nbandwidth_id = "1"\n', r"bandwidth_id must be a int, got '1'"),
-    ('[[checkpoint]]\nsource = "../ckpts/a.ckpt"\nbandwidth_id = -1\n', r"bandwidth_id must be 0 or more"),
-    ('[[checkpoint]]\nsource = "../ckpts/a.ckpt"\ntrusted = 1\n', r"trusted must be a bool, got 1"),
-    ('[[checkpoint]]\nsource = "../ckpts/a.ckpt"\nname = "a=b"\n', r"name 'a=b' may hold only"),
-    ('[[checkpoint]]\nsource = "../ckpts/*.ckpt"\nname = "all"\n', r"a glob matching 3 files cannot take one name"),
-    ('[[checkpoint]]\nsource = "../x.ckpt"\nsample = "huge"\n', r"sample 'huge' is not a known release"),
-    ('[[checkpoint]\nsource = 1\n', r"team.toml: not valid TOML: "),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (
+            '[[checkpoint]]\nsource = "../ckpts/a.ckpt"\nbandwith_id = 1\n',
+            r"team.toml: \[\[checkpoint\]\] #1 \(source '../ckpts/a.ckpt'\): unknown key 'bandwith_id'; "
+            r"did you mean 'bandwidth_id'\?",
+        ),
+        (
+            '[defaults]\nname = "x"\n[[checkpoint]]\nsource = "../ckpts/a.ckpt"\n',
+            r"team.toml: \[defaults\]: unknown key 'name'",
+        ),
+        (
+            '[checkpoints]\nsource = "x"\n',
+            r"team.toml: unknown key 'checkpoints'; did you mean 'checkpoint'\?",
+        ),
+        (
+            '[[checkpoint]]\nsource = "../ckpts/missing.ckpt"\n',
+            r"team.toml: \[\[checkpoint\]\] #1 \(source '../ckpts/missing.ckpt'\): source '.*/ckpts/missing.ckpt' does not exist",
+        ),
+        ('[[checkpoint]]\nsource = "../ckpts"\n', r"source '.*/ckpts' is a folder, not a file"),
+        ('[[checkpoint]]\nsource = "../ckpts/*.pt"\n', r"glob '.*/ckpts/\*.pt' matches no file"),
+        ('[[checkpoint]]\nname = "x"\n', r"#1: missing required key 'source'"),
+        (
+            '[[checkpoint]]\nsource = "../ckpts/a.ckpt"\nbandwidth_id = "1"\n',
+            r"bandwidth_id must be a int, got '1'",
+        ),
+        (
+            '[[checkpoint]]\nsource = "../ckpts/a.ckpt"\nbandwidth_id = -1\n',
+            r"bandwidth_id must be 0 or more",
+        ),
+        (
+            '[[checkpoint]]\nsource = "../ckpts/a.ckpt"\ntrusted = 1\n',
+            r"trusted must be a bool, got 1",
+        ),
+        (
+            '[[checkpoint]]\nsource = "../ckpts/a.ckpt"\nname = "a=b"\n',
+            r"name 'a=b' may hold only",
+        ),
+        (
+            '[[checkpoint]]\nsource = "../ckpts/*.ckpt"\nname = "all"\n',
+            r"a glob matching 3 files cannot take one name",
+        ),
+        (
+            '[[checkpoint]]\nsource = "../x.ckpt"\nsample = "huge"\n',
+            r"sample 'huge' is not a known release",
+        ),
+        ("[[checkpoint]\nsource = 1\n", r"team.toml: not valid TOML: "),
+    ],
+)
 def test_mistakes_name_the_file_and_entry(layout, text, message):
     write(layout, text)
     with pytest.raises(ConfigError, match=message):
@@ -117,12 +187,16 @@ def test_two_entries_with_one_name(layout):
         f"two checkpoints share the name 'a': {layout}/ckpts/b.ckpt from "
         f"{layout}/configs/other.toml: [[checkpoint]] #1 (source '../ckpts/b.ckpt') and "
         f"{layout}/ckpts/a.ckpt from {layout}/configs/team.toml: [[checkpoint]] #1 "
-        "(source '../ckpts/a.ckpt'); give one of them its own name")
+        "(source '../ckpts/a.ckpt'); give one of them its own name"
+    )
 
 
 def test_two_entries_with_one_output(layout):
-    write(layout, '[[checkpoint]]\nsource = "../ckpts/a.ckpt"\noutput = "../out"\n'
-                  '[[checkpoint]]\nsource = "../ckpts/b.ckpt"\noutput = "../out"\n')
+    write(
+        layout,
+        '[[checkpoint]]\nsource = "../ckpts/a.ckpt"\noutput = "../out"\n'
+        '[[checkpoint]]\nsource = "../ckpts/b.ckpt"\noutput = "../out"\n',
+    )
     with pytest.raises(ConfigError, match=r"two checkpoints share the output '.*/out'"):
         read(layout)
 

@@ -19,7 +19,9 @@ from pipeline.cli import convert
 CODEBOOK = "feature_extractor.encodec.quantizer.vq.layers.0._codebook.embed"
 
 
-def expected_outputs(state_dict: dict, bandwidth: int, blocks: int = 12) -> dict[str, torch.Tensor]:
+def expected_outputs(
+    state_dict: dict, bandwidth: int, blocks: int = 12
+) -> dict[str, torch.Tensor]:
     """The output the rules promise, written out block by block as llama.cpp reads it."""
     sd = state_dict
     column = lambda t: t.reshape(-1, 1)  # noqa: E731 - a one-line helper of this oracle
@@ -45,11 +47,17 @@ def expected_outputs(state_dict: dict, bandwidth: int, blocks: int = 12) -> dict
             out[f"{dst}.{part}"] = sd[f"{src}.{part}"]
     for n in (0, 1, 3, 4):
         for part in ("norm1", "norm2"):
-            out[f"backbone.posnet.{n}.{part}.weight"] = column(sd[f"backbone.pos_net.{n}.{part}.weight"])
-            out[f"backbone.posnet.{n}.{part}.bias"] = column(sd[f"backbone.pos_net.{n}.{part}.bias"])
+            out[f"backbone.posnet.{n}.{part}.weight"] = column(
+                sd[f"backbone.pos_net.{n}.{part}.weight"]
+            )
+            out[f"backbone.posnet.{n}.{part}.bias"] = column(
+                sd[f"backbone.pos_net.{n}.{part}.bias"]
+            )
         for part in ("conv1", "conv2"):
             out[f"backbone.posnet.{n}.{part}.weight"] = sd[f"backbone.pos_net.{n}.{part}.weight"]
-            out[f"backbone.posnet.{n}.{part}.bias"] = column(sd[f"backbone.pos_net.{n}.{part}.bias"])
+            out[f"backbone.posnet.{n}.{part}.bias"] = column(
+                sd[f"backbone.pos_net.{n}.{part}.bias"]
+            )
     for part in ("norm", "q", "k", "v", "proj_out"):
         weight = sd[f"backbone.pos_net.2.{part}.weight"]
         out[f"backbone.posnet.2.{part}.weight"] = column(weight) if part == "norm" else weight
@@ -92,7 +100,8 @@ def test_tiny_conversion_is_exact(tmp_path, tiny_path, tiny_checkpoint, bandwidt
     size = (tmp_path / "model.safetensors").stat().st_size
     assert (tmp_path / "index.json").read_text() == (
         '{\n    "total_size": %d,\n    "weight_map": {\n        "model.safetensors": [\n'
-        '            "*"\n        ]\n    }\n}\n' % size)
+        '            "*"\n        ]\n    }\n}\n' % size
+    )
 
 
 def test_header_records_source_and_converter(tmp_path, tiny_path):
@@ -107,8 +116,10 @@ def test_header_records_source_and_converter(tmp_path, tiny_path):
             "converter": "wavtokenizer-pipeline 0.1.0",
         }
     header = (tmp_path / "model.safetensors").read_bytes()[8:200]
-    assert header.startswith(b'{"__metadata__":{"converter":"wavtokenizer-pipeline 0.1.0",'
-                             b'"format":"pt","source":"tiny.ckpt","source_sha256":"')
+    assert header.startswith(
+        b'{"__metadata__":{"converter":"wavtokenizer-pipeline 0.1.0",'
+        b'"format":"pt","source":"tiny.ckpt","source_sha256":"'
+    )
 
 
 def test_half_precision_stays_half(tmp_path):
@@ -120,8 +131,21 @@ def test_half_precision_stays_half(tmp_path):
 
 def test_two_conversions_are_byte_identical(tmp_path, tiny_path):
     for folder in ("a", "b"):
-        assert subprocess.run([sys.executable, "-m", "pipeline", "convert", str(tiny_path),
-                               "--output", str(tmp_path / folder)], capture_output=True).returncode == 0
+        assert (
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "pipeline",
+                    "convert",
+                    str(tiny_path),
+                    "--output",
+                    str(tmp_path / folder),
+                ],
+                capture_output=True,
+            ).returncode
+            == 0
+        )
     for name in ("model.safetensors", "index.json", "config.json"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     first, second = (json.loads((tmp_path / f / "provenance.json").read_text()) for f in "ab")
@@ -132,12 +156,21 @@ def test_two_conversions_are_byte_identical(tmp_path, tiny_path):
 
 def test_command_line_writes_beside_a_bare_file_name(tmp_path):
     synthetic.write_tiny(tmp_path / "model.ckpt")
-    result = subprocess.run(["convert-pt-to-hf", "model.ckpt"], cwd=tmp_path,
-                            capture_output=True, text=True,
-                            env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
+    result = subprocess.run(
+        ["convert-pt-to-hf", "model.ckpt"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"},
+    )
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "config.json", "index.json", "model.ckpt", "model.safetensors", "provenance.json"]
+        "config.json",
+        "index.json",
+        "model.ckpt",
+        "model.safetensors",
+        "provenance.json",
+    ]
     assert "model save_safetensors: wrote" in result.stderr
 
 
@@ -146,7 +179,9 @@ def test_full_size_release_matches_the_reference(tmp_path, reference):
     source = synthetic.write_release(tmp_path / "large.ckpt")
     assert convert(source, tmp_path / "out", 0, trusted=False) == 0
     with safe_open(tmp_path / "out" / "model.safetensors", framework="pt") as file:
-        found = sorted([name, list(file.get_slice(name).get_shape()), file.get_slice(name).get_dtype()]
-                       for name in file.keys())
+        found = sorted(
+            [name, list(file.get_slice(name).get_shape()), file.get_slice(name).get_dtype()]
+            for name in file.keys()
+        )
     assert found == sorted(reference["model.safetensors"])
     assert json.loads((tmp_path / "out" / "config.json").read_text()) == reference["config.json"]

@@ -21,9 +21,12 @@ def test_task_list(project):
     result = project.doit("list", "--all", "--sort=definition")
     assert result.returncode == 0, result.stderr
     names = [line.split()[0] for line in result.stdout.splitlines()]
-    assert names == ["sample"] + [name for stage in STAGES
-                                  for name in (stage, f"{stage}:a", f"{stage}:b")]
-    docs = dict(line.split(None, 1) for line in result.stdout.splitlines() if ":" not in line.split()[0])
+    assert names == ["sample"] + [
+        name for stage in STAGES for name in (stage, f"{stage}:a", f"{stage}:b")
+    ]
+    docs = dict(
+        line.split(None, 1) for line in result.stdout.splitlines() if ":" not in line.split()[0]
+    )
     assert docs == {
         "sample": "Generate the synthetic checkpoints that config entries ask for with `sample`.",
         "load": "Open each checkpoint safely, find its state dict, keep the decoder's tensors.",
@@ -63,8 +66,9 @@ def test_bandwidth_edit_reruns_one_checkpoint_from_transform(project):
 def test_identical_output_stops_the_rerun(project):
     """A stage whose code changed reruns; when its output is unchanged, nothing after it does."""
     two_checkpoints(project)
-    shutil.copytree(REPO / "pipeline", project.root / "pipeline",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        REPO / "pipeline", project.root / "pipeline", ignore=shutil.ignore_patterns("__pycache__")
+    )
     assert project.doit().returncode == 0
     flatten = project.root / "pipeline" / "stages" / "flatten.py"
     flatten.write_text(flatten.read_text() + "\n# a comment changes the code, not the output\n")
@@ -75,12 +79,14 @@ def test_identical_output_stops_the_rerun(project):
 
 def test_code_change_reruns_that_stage(project):
     two_checkpoints(project)
-    shutil.copytree(REPO / "pipeline", project.root / "pipeline",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        REPO / "pipeline", project.root / "pipeline", ignore=shutil.ignore_patterns("__pycache__")
+    )
     assert project.doit().returncode == 0
     module = project.root / "pipeline" / "stages" / "hf_config.py"
-    module.write_text(module.read_text().replace("dims.hf_config()",
-                                                 '{**dims.hf_config(), "extra": 1}'))
+    module.write_text(
+        module.read_text().replace("dims.hf_config()", '{**dims.hf_config(), "extra": 1}')
+    )
     result = project.doit()
     assert result.returncode == 0, result.stderr
     assert project.ran() == {"a": ["write_config"], "b": ["write_config"]}
@@ -111,8 +117,12 @@ def test_clean_removes_what_the_tasks_made(project):
     result = project.doit("clean")
     assert result.returncode == 0, result.stderr
     assert [p for p in (project.root / "converted").rglob("*") if p.is_file()] == []
-    assert sorted(p.name for p in (project.root / "build").rglob("*.json")
-                  if p.parent.name in ("a", "b")) == []
+    assert (
+        sorted(
+            p.name for p in (project.root / "build").rglob("*.json") if p.parent.name in ("a", "b")
+        )
+        == []
+    )
 
 
 def test_config_mistake_stops_the_run_before_any_work(project):
@@ -128,7 +138,9 @@ def test_config_mistake_stops_the_run_before_any_work(project):
 def test_configs_folder_from_the_command_line(project):
     project.checkpoint("a.ckpt")
     (project.root / "other").mkdir()
-    (project.root / "other" / "x.toml").write_text('[[checkpoint]]\nsource = "../ckpts/a.ckpt"\nname = "x"\n')
+    (project.root / "other" / "x.toml").write_text(
+        '[[checkpoint]]\nsource = "../ckpts/a.ckpt"\nname = "x"\n'
+    )
     project.config('[[checkpoint]]\nsource = "../ckpts/missing.ckpt"\n')
     result = project.doit("configs=other")
     assert result.returncode == 0, result.stderr

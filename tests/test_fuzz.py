@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 import time
-from pathlib import Path
 
 import pytest
 from loguru import logger
@@ -20,10 +19,14 @@ SECONDS_PER_CASE = 10
 @pytest.fixture(scope="module")
 def small_checkpoint(tmp_path_factory) -> bytes:
     """A decoder-only state dict with two ConvNeXt blocks: small enough to mutate often."""
-    checkpoint = synthetic.build_checkpoint(synthetic.tiny_dims(num_layers=2), shrink=16,
-                                            optimizer=False)
-    checkpoint["state_dict"] = {name: tensor for name, tensor in checkpoint["state_dict"].items()
-                                if drop_reason(canonical_name(name)) is None}
+    checkpoint = synthetic.build_checkpoint(
+        synthetic.tiny_dims(num_layers=2), shrink=16, optimizer=False
+    )
+    checkpoint["state_dict"] = {
+        name: tensor
+        for name, tensor in checkpoint["state_dict"].items()
+        if drop_reason(canonical_name(name)) is None
+    }
     path = synthetic.write_checkpoint(tmp_path_factory.mktemp("fuzz") / "small.ckpt", checkpoint)
     return path.read_bytes()
 
@@ -38,12 +41,15 @@ def mutations(data: bytes, seed: int = 1234):
         yield f"truncated at {cut}", data[:cut]
     for _ in range(CASES // 3):
         at = rng.randrange(0, size)
-        yield f"byte {at} flipped", data[:at] + bytes([data[at] ^ (1 << rng.randrange(8))]) + data[at + 1:]
+        yield (
+            f"byte {at} flipped",
+            data[:at] + bytes([data[at] ^ (1 << rng.randrange(8))]) + data[at + 1 :],
+        )
     for index in range(CASES - 2 * (CASES // 3)):
         start = rng.randrange(central if index % 3 == 0 else 0, size)
         length = rng.randrange(1, 64)
         garbage = bytes(rng.randrange(256) for _ in range(length))
-        yield f"{length} garbage bytes at {start}", data[:start] + garbage + data[start + length:]
+        yield f"{length} garbage bytes at {start}", data[:start] + garbage + data[start + length :]
 
 
 def test_every_mutation_converts_or_fails_clearly(tmp_path, small_checkpoint):

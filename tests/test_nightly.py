@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
@@ -13,7 +12,6 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors import SafetensorError
 
@@ -40,27 +38,45 @@ def test_batch_with_a_broken_checkpoint_converts_the_rest_and_reports(project):
     result = project.doit()
     assert result.returncode == 2, result.stderr  # doit: a failure made later stages skip
 
-    reason = (f"load: {broken}: is truncated or damaged (File is not a zip file); the download "
-              "or copy probably stopped early; fetch it again")
+    reason = (
+        f"load: {broken}: is truncated or damaged (File is not a zip file); the download "
+        "or copy probably stopped early; fetch it again"
+    )
     report = project.report()
     assert report["status"] == "failed"
     assert [(row["name"], row["status"], row["reason"]) for row in report["checkpoints"]] == [
-        ("a", "converted", None), ("b", "failed", reason), ("c", "converted", None)]
+        ("a", "converted", None),
+        ("b", "failed", reason),
+        ("c", "converted", None),
+    ]
     stages_b = report["checkpoints"][1]["stages"]
     assert {stage: record["status"] for stage, record in stages_b.items()} == {
-        "load": "failed", "flatten": "skipped", "transform": "skipped",
-        "save_safetensors": "skipped", "write_index": "skipped", "write_config": "skipped"}
+        "load": "failed",
+        "flatten": "skipped",
+        "transform": "skipped",
+        "save_safetensors": "skipped",
+        "write_index": "skipped",
+        "write_config": "skipped",
+    }
     stages_a = report["checkpoints"][0]["stages"]
     assert all(stages_a[stage]["seconds"] >= 0 for stage in STAGES)
     assert stages_a["load"]["input_bytes"] == (project.root / "ckpts" / "a.ckpt").stat().st_size
     assert stages_a["save_safetensors"]["output_bytes"] == sum(
-        path.stat().st_size for path in (project.output("a") / "model.safetensors",
-                                         project.output("a") / "provenance.json",
-                                         project.root / "build" / "a" / "saved.json"))
-    assert {key: report["totals"][key] for key in ("checkpoints", "converted", "up to date", "failed", "skipped")} == {
-        "checkpoints": 3, "converted": 2, "up to date": 0, "failed": 1, "skipped": 0}
+        path.stat().st_size
+        for path in (
+            project.output("a") / "model.safetensors",
+            project.output("a") / "provenance.json",
+            project.root / "build" / "a" / "saved.json",
+        )
+    )
+    assert {
+        key: report["totals"][key]
+        for key in ("checkpoints", "converted", "up to date", "failed", "skipped")
+    } == {"checkpoints": 3, "converted": 2, "up to date": 0, "failed": 1, "skipped": 0}
 
-    summary = [line for line in result.stderr.splitlines() if "FAILED" in line or "run failed" in line]
+    summary = [
+        line for line in result.stderr.splitlines() if "FAILED" in line or "run failed" in line
+    ]
     assert len(summary) == 2
     assert "run failed in" in summary[0] and "2 converted, 0 up to date, 1 failed" in summary[0]
     assert summary[1].endswith(f"b run: FAILED: {reason}")
@@ -78,10 +94,18 @@ def test_exit_status_is_zero_when_everything_is_converted_or_up_to_date(project)
 
 
 def test_reports_keep_the_last_thirty_runs(tmp_path):
-    report = {"totals": {k: 0 for k in ("checkpoints", "converted", "up to date", "failed",
-                                        "skipped", "interrupted")},
-              "started": "x", "status": "ok", "seconds": 0.0, "converter": "c",
-              "errors": [], "checkpoints": []}
+    report = {
+        "totals": {
+            k: 0
+            for k in ("checkpoints", "converted", "up to date", "failed", "skipped", "interrupted")
+        },
+        "started": "x",
+        "status": "ok",
+        "seconds": 0.0,
+        "converter": "c",
+        "errors": [],
+        "checkpoints": [],
+    }
     for second in range(32):
         write_reports(tmp_path, report, datetime(2026, 12, 3, 2, 0, second, tzinfo=timezone.utc))
     dated = sorted(path.name for path in tmp_path.glob("run-*.json"))
@@ -94,10 +118,13 @@ def test_every_log_line_names_checkpoint_and_stage(project):
     three_with_one_truncated(project)
     project.doit()
     lines = (project.root / "logs" / "pipeline.log").read_text().splitlines()
-    pattern = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} \d+ (DEBUG|INFO|WARNING|ERROR) +"
-                         r"(?P<checkpoint>\S+) (?P<stage>\S+): \S")
-    entries = [pattern.match(line) for line in lines if not line.startswith((" ", "Traceback"))]
-    assert entries and all(entries), [line for line, m in zip(lines, entries) if not m][:3]
+    pattern = re.compile(
+        r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} \d+ (DEBUG|INFO|WARNING|ERROR) +"
+        r"(?P<checkpoint>\S+) (?P<stage>\S+): \S"
+    )
+    records = [line for line in lines if not line.startswith((" ", "Traceback"))]
+    entries = [pattern.match(line) for line in records]
+    assert entries and all(entries), [line for line in records if not pattern.match(line)][:3]
     stages = {(m["checkpoint"], m["stage"]) for m in entries}
     assert {("a", stage) for stage in STAGES} <= stages
     assert ("b", "load") in stages and ("-", "run") in stages
@@ -105,9 +132,12 @@ def test_every_log_line_names_checkpoint_and_stage(project):
 
 
 def test_no_print_in_pipeline_code():
-    offenders = [f"{path.name}:{n}" for path in sorted((REPO / "pipeline").rglob("*.py"))
-                 for n, line in enumerate(path.read_text().splitlines(), 1)
-                 if re.match(r"\s*print\(", line)]
+    offenders = [
+        f"{path.name}:{n}"
+        for path in sorted((REPO / "pipeline").rglob("*.py"))
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if re.match(r"\s*print\(", line)
+    ]
     assert offenders == []
 
 
@@ -147,16 +177,22 @@ def test_lightning_names_are_selectable(project):
     assert "write_config:epoch_14-step_3000" in listed and "write_config:last" in listed
     result = project.doit("write_config:epoch_14-step_3000")
     assert result.returncode == 0, result.stderr
-    assert project.ran() == {"epoch_14-step_3000": ["load", "flatten", "transform", "write_config"]}
+    assert project.ran() == {
+        "epoch_14-step_3000": ["load", "flatten", "transform", "write_config"]
+    }
 
 
 def test_dry_run_says_what_would_run_and_why_and_runs_nothing(project):
     project.checkpoint("a.ckpt", seed=1)
     project.checkpoint("b.ckpt", seed=2)
-    project.config('[[checkpoint]]\nsource = "../ckpts/a.ckpt"\n\n[[checkpoint]]\nsource = "../ckpts/b.ckpt"\n')
+    project.config(
+        '[[checkpoint]]\nsource = "../ckpts/a.ckpt"\n\n[[checkpoint]]\nsource = "../ckpts/b.ckpt"\n'
+    )
     assert project.doit().returncode == 0
-    project.config('[[checkpoint]]\nsource = "../ckpts/a.ckpt"\nbandwidth_id = 1\n\n'
-                   '[[checkpoint]]\nsource = "../ckpts/b.ckpt"\n')
+    project.config(
+        '[[checkpoint]]\nsource = "../ckpts/a.ckpt"\nbandwidth_id = 1\n\n'
+        '[[checkpoint]]\nsource = "../ckpts/b.ckpt"\n'
+    )
     (project.output("b") / "index.json").unlink()
     before, state = project.snapshot(), (project.root / ".doit.db").read_bytes()
 
@@ -177,7 +213,8 @@ def test_dry_run_says_what_would_run_and_why_and_runs_nothing(project):
         "  transform         up to date\n"
         "  save_safetensors  up to date\n"
         f"  write_index       runs: output missing: {project.output('b') / 'index.json'}\n"
-        "  write_config      up to date\n")
+        "  write_config      up to date\n"
+    )
     assert project.snapshot() == before
     assert (project.root / ".doit.db").read_bytes() == state
 
@@ -191,8 +228,13 @@ def wait_for(path: Path, process: subprocess.Popen, seconds: float = 120) -> Non
 
 
 def stalled(project, marker: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(REPO / "tests" / "stalled_doit.py"), str(marker), *args],
-                            cwd=project.root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "tests" / "stalled_doit.py"), str(marker), *args],
+        cwd=project.root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_a_second_run_exits_at_once_naming_the_first(project, tmp_path):
@@ -235,7 +277,11 @@ def test_a_run_killed_in_save_is_finished_by_the_next(project, tmp_path):
     for name in ("model.safetensors", "index.json", "config.json"):
         assert (output / name).read_bytes() == (tmp_path / "clean" / name).read_bytes(), name
     assert sorted(p.name for p in output.iterdir()) == [
-        "config.json", "index.json", "model.safetensors", "provenance.json"]
+        "config.json",
+        "index.json",
+        "model.safetensors",
+        "provenance.json",
+    ]
 
 
 def test_ctrl_c_still_writes_the_report(project, tmp_path):
@@ -260,26 +306,37 @@ def test_full_disk_names_the_folder_and_loses_nothing(tmp_path, tiny_path, monke
 
     assert convert(tiny_path, tmp_path / "a", 0, trusted=False) == 0
     assert convert(tiny_path, tmp_path / "b", 0, trusted=False) == 0
-    before = {f: (tmp_path / f).read_bytes() for f in ("a/model.safetensors", "b/model.safetensors",
-                                                         "b/config.json", "b/index.json")}
+    before = {
+        f: (tmp_path / f).read_bytes()
+        for f in ("a/model.safetensors", "b/model.safetensors", "b/config.json", "b/index.json")
+    }
 
     def full_disk(tensors, filename, metadata=None):
         Path(filename).write_bytes(b"\0" * 1000)
-        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        raise SafetensorError(
+            "Error while serializing: I/O error: No space left on device (os error 28)"
+        )
 
     monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
     errors = []
     from loguru import logger
+
     sink = logger.add(lambda m: errors.append(m.record["message"]), level="ERROR")
     try:
         assert convert(tiny_path, tmp_path / "b", 1, trusted=False) == 1
     finally:
         logger.remove(sink)
-    assert errors[0] == (f"no space left on the device while writing into {tmp_path / 'b'}; "
-                         "free some space and run again (earlier outputs are intact)")
+    assert errors[0] == (
+        f"no space left on the device while writing into {tmp_path / 'b'}; "
+        "free some space and run again (earlier outputs are intact)"
+    )
     assert {f: (tmp_path / f).read_bytes() for f in before} == before
     assert sorted(p.name for p in (tmp_path / "b").iterdir()) == [
-        "config.json", "index.json", "model.safetensors", "provenance.json"]
+        "config.json",
+        "index.json",
+        "model.safetensors",
+        "provenance.json",
+    ]
 
 
 def test_earlier_output_stays_when_a_later_conversion_fails(project):
@@ -299,12 +356,15 @@ def test_foreign_safetensors_in_the_output_folder_is_an_error(tmp_path, tiny_pat
     save_file({"x": torch.zeros(1)}, tmp_path / "model.safetensors")
     errors = []
     from loguru import logger
+
     sink = logger.add(lambda m: errors.append(m.record["message"]), level="ERROR")
     try:
         assert convert(tiny_path, tmp_path, 0, trusted=False) == 1
     finally:
         logger.remove(sink)
-    assert errors[0] == (f"{tmp_path} already holds model-00001-of-00002.safetensors, "
-                         "model.safetensors, which this pipeline did not write; llama.cpp's "
-                         "converter would read them too. Move them away or set another output "
-                         "for this checkpoint")
+    assert errors[0] == (
+        f"{tmp_path} already holds model-00001-of-00002.safetensors, "
+        "model.safetensors, which this pipeline did not write; llama.cpp's "
+        "converter would read them too. Move them away or set another output "
+        "for this checkpoint"
+    )

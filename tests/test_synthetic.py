@@ -10,8 +10,18 @@ import torch
 from pipeline import synthetic
 from tests.conftest import SHARED
 
-TOP_LEVEL = ["epoch", "global_step", "pytorch-lightning_version", "state_dict", "loops",
-             "callbacks", "optimizer_states", "lr_schedulers", "hparams_name", "hyper_parameters"]
+TOP_LEVEL = [
+    "epoch",
+    "global_step",
+    "pytorch-lightning_version",
+    "state_dict",
+    "loops",
+    "callbacks",
+    "optimizer_states",
+    "lr_schedulers",
+    "hparams_name",
+    "hyper_parameters",
+]
 
 
 @pytest.fixture(scope="module")
@@ -38,17 +48,27 @@ def test_optimizer_states_cover_the_parameters(tiny_checkpoint):
     discriminators, generator = tiny_checkpoint["optimizer_states"]
     state_dict = tiny_checkpoint["state_dict"]
     assert len(generator["state"]) == sum(
-        1 for name in state_dict if name.startswith(("feature_extractor.", "backbone.", "head."))
-        and not name.startswith((synthetic.CODEBOOK, "head.istft")))
+        1
+        for name in state_dict
+        if name.startswith(("feature_extractor.", "backbone.", "head."))
+        and not name.startswith((synthetic.CODEBOOK, "head.istft"))
+    )
     assert len(discriminators["state"]) == sum(
-        1 for name in state_dict if name.startswith(("multiperioddisc.", "multiresddisc.", "dac.")))
-    assert generator["state"][0]["exp_avg"].shape == state_dict["feature_extractor.encodec.encoder.model.0.conv.conv.bias"].shape
+        1 for name in state_dict if name.startswith(("multiperioddisc.", "multiresddisc.", "dac."))
+    )
+    assert (
+        generator["state"][0]["exp_avg"].shape
+        == state_dict["feature_extractor.encodec.encoder.model.0.conv.conv.bias"].shape
+    )
 
 
 def test_shared_discriminator_is_stored_once(tiny_checkpoint):
     state_dict = tiny_checkpoint["state_dict"]
     name = "discriminators.0.convs.0.0.bias"
-    assert state_dict[f"dacdiscriminator.discriminator.{name}"].data_ptr() == state_dict[f"dac.{name}"].data_ptr()
+    assert (
+        state_dict[f"dacdiscriminator.discriminator.{name}"].data_ptr()
+        == state_dict[f"dac.{name}"].data_ptr()
+    )
 
 
 def test_same_seed_same_values_other_seed_other_values():

@@ -26,8 +26,14 @@ from loguru import logger
 from pipeline.errors import PipelineError
 
 STAGES = ("load", "flatten", "transform", "save_safetensors", "write_index", "write_config")
-MODULES = {"load": "load", "flatten": "flatten", "transform": "transform",
-           "save_safetensors": "save", "write_index": "index", "write_config": "hf_config"}
+MODULES = {
+    "load": "load",
+    "flatten": "flatten",
+    "transform": "transform",
+    "save_safetensors": "save",
+    "write_index": "index",
+    "write_config": "hf_config",
+}
 
 
 @dataclass(frozen=True)
@@ -45,8 +51,15 @@ class Job:
     @classmethod
     def of(cls, entry: Any, build_root: Path) -> "Job":
         """The job for a resolved config entry (pipeline.configs.Entry)."""
-        return cls(entry.name, entry.source, entry.output, build_root / entry.name,
-                   entry.bandwidth_id, entry.trusted, entry.settings())
+        return cls(
+            entry.name,
+            entry.source,
+            entry.output,
+            build_root / entry.name,
+            entry.bandwidth_id,
+            entry.trusted,
+            entry.settings(),
+        )
 
     @property
     def load_json(self) -> Path:

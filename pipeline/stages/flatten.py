@@ -22,11 +22,15 @@ def run(job: Job) -> None:
         key = entry["key"]
         name = canonical_name(key)
         if name in tensors:
-            raise ConversionError(f"{job.source}: {tensors[name]['key']!r} and {key!r} "
-                                  f"both become {name!r} once their prefix is removed")
+            raise ConversionError(
+                f"{job.source}: {tensors[name]['key']!r} and {key!r} "
+                f"both become {name!r} once their prefix is removed"
+            )
         tensors[name] = {"key": key, "shape": entry["shape"], "dtype": entry["dtype"]}
         prefixes.add(key[: len(key) - len(name)])
     stripped = sorted(prefix for prefix in prefixes if prefix)
-    logger.info(f"{len(tensors)} tensors named"
-                + (f" (prefix {', '.join(map(repr, stripped))} removed)" if stripped else ""))
+    logger.info(
+        f"{len(tensors)} tensors named"
+        + (f" (prefix {', '.join(map(repr, stripped))} removed)" if stripped else "")
+    )
     write_json(job.flat_json, {"tensors": dict(sorted(tensors.items()))}, indent=1)

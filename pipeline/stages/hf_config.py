@@ -12,5 +12,7 @@ from pipeline.stages import Job
 def run(job: Job) -> None:
     dims = Dims(**read_json(job.plan_json)["dims"])
     write_json(job.config, dims.hf_config())
-    logger.info(f"wrote {job.config} (hidden_size {dims.head}, {dims.convnext_layers} "
-                f"layers, vocab {dims.vocab})")
+    logger.info(
+        f"wrote {job.config} (hidden_size {dims.head}, {dims.convnext_layers} "
+        f"layers, vocab {dims.vocab})"
+    )

@@ -8,6 +8,7 @@ unpickles, so it adds little wall time of its own.
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 
 from loguru import logger
@@ -43,24 +44,41 @@ def run(job: Job) -> None:
             kept[key] = value
     kept_bytes = sum(t.numel() * t.element_size() for t in kept.values())
     summary = "; ".join(f"{count} {reason}" for reason, count in dropped.most_common())
-    logger.info(f"state dict at {describe(at)}: kept {len(kept)} of {len(state_dict)} "
-                f"tensors ({kept_bytes / MIB:.1f} MiB), dropped {sum(dropped.values())}"
-                + (f": {summary}" if summary else ""))
+    logger.info(
+        f"state dict at {describe(at)}: kept {len(kept)} of {len(state_dict)} "
+        f"tensors ({kept_bytes / MIB:.1f} MiB), dropped {sum(dropped.values())}"
+        + (f": {summary}" if summary else "")
+    )
     for reason in dropped:
         if reason.startswith("not part of the decoder"):
             logger.warning(f"dropped {dropped[reason]} tensor(s) {reason}")
     locations = locate(job.source, kept) if fmt == "zip" else None
-    write_json(job.load_json, {
-        "source": str(job.source),
-        "size": stat.st_size,
-        "mtime_ns": stat.st_mtime_ns,
-        "sha256": source_hash.result(),
-        "format": fmt,
-        "placeholders": loaded.placeholders,
-        "top_level_keys": [str(key) for key in loaded.content][:50]
-        if isinstance(loaded.content, dict) else [],
-        "state_dict_at": at,
-        "kept": [{"key": key, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
-                  **(locations[key] if locations else {})} for key, t in kept.items()],
-        "dropped": dict(dropped),
-    }, indent=1)
+    waiting = time.perf_counter()
+    digest = source_hash.result()
+    logger.debug(f"waited {time.perf_counter() - waiting:.2f} s for the source's sha256")
+    write_json(
+        job.load_json,
+        {
+            "source": str(job.source),
+            "size": stat.st_size,
+            "mtime_ns": stat.st_mtime_ns,
+            "sha256": digest,
+            "format": fmt,
+            "placeholders": loaded.placeholders,
+            "top_level_keys": [str(key) for key in loaded.content][:50]
+            if isinstance(loaded.content, dict)
+            else [],
+            "state_dict_at": at,
+            "kept": [
+                {
+                    "key": key,
+                    "shape": list(t.shape),
+                    "dtype": str(t.dtype).removeprefix("torch."),
+                    **(locations[key] if locations else {}),
+                }
+                for key, t in kept.items()
+            ],
+            "dropped": dict(dropped),
+        },
+        indent=1,
+    )

@@ -51,8 +51,11 @@ def run(job: Job) -> None:
     size = job.model.stat().st_size
     logger.info(f"wrote {job.model} ({len(plan['tensors'])} tensors, {size / MIB:.1f} MiB)")
     write_json(job.provenance, provenance(job, loaded))
-    write_json(job.saved_json, {"model": str(job.model), "size": size,
-                                "header_sha256": header_sha256}, indent=1)
+    write_json(
+        job.saved_json,
+        {"model": str(job.model), "size": size, "header_sha256": header_sha256},
+        indent=1,
+    )
 
 
 def source_tensors(job: Job, loaded: dict) -> dict:
@@ -74,8 +77,10 @@ def _planned_tensor(state_dict, item: dict, job: Job):
     key = item["key"]
     tensor = state_dict.get(key)
     if tensor is None or list(tensor.shape) != item["source_shape"]:
-        raise ConversionError(f"{job.source}: {key!r} is not what the load stage recorded; "
-                              "the file changed during the run; run again")
+        raise ConversionError(
+            f"{job.source}: {key!r} is not what the load stage recorded; "
+            "the file changed during the run; run again"
+        )
     if item["row"] is not None:
         tensor = tensor[item["row"]]
     return tensor.reshape(item["shape"]).contiguous()
@@ -107,16 +112,19 @@ def sort_metadata(path: Path) -> None:
         if not metadata:
             return
         start = header.index(b'"__metadata__":') + len(b'"__metadata__":')
-        ordered = json.dumps(dict(sorted(metadata.items())), separators=(",", ":"),
-                             ensure_ascii=False).encode()
-        span = header[start:start + len(ordered)]
+        ordered = json.dumps(
+            dict(sorted(metadata.items())), separators=(",", ":"), ensure_ascii=False
+        ).encode()
+        span = header[start : start + len(ordered)]
         try:
             same = json.loads(span) == metadata
         except ValueError:
             same = False
         if not same:
-            raise ConversionError(f"{path}: the safetensors header is not laid out as "
-                                  "expected; cannot put its metadata in a fixed order")
+            raise ConversionError(
+                f"{path}: the safetensors header is not laid out as "
+                "expected; cannot put its metadata in a fixed order"
+            )
         file.seek(8 + start)
         file.write(ordered)
 
@@ -129,13 +137,15 @@ def check_output_folder(folder: Path) -> None:
     """
     if not folder.is_dir():
         return
-    foreign = sorted(path.name for path in folder.glob("model*.safetensors")
-                     if not written_by_us(path))
+    foreign = sorted(
+        path.name for path in folder.glob("model*.safetensors") if not written_by_us(path)
+    )
     if foreign:
         raise OutputError(
             f"{folder} already holds {', '.join(foreign)}, which this pipeline did not "
             "write; llama.cpp's converter would read them too. Move them away or set "
-            "another output for this checkpoint")
+            "another output for this checkpoint"
+        )
 
 
 def written_by_us(path: Path) -> bool:
@@ -178,12 +188,19 @@ def _dtype_name(code: str) -> str:
 
 def provenance(job: Job, loaded: dict) -> dict:
     return {
-        "source": {"path": str(job.source), "size": loaded["size"], "sha256": loaded["sha256"],
-                   "format": loaded["format"], "state_dict_at": loaded["state_dict_at"]},
+        "source": {
+            "path": str(job.source),
+            "size": loaded["size"],
+            "sha256": loaded["sha256"],
+            "format": loaded["format"],
+            "state_dict_at": loaded["state_dict_at"],
+        },
         "entry": job.settings,
         "converter": CONVERTER,
-        "versions": {"python": platform.python_version(),
-                     **{name: _version(name) for name in ("torch", "safetensors", "doit")}},
+        "versions": {
+            "python": platform.python_version(),
+            **{name: _version(name) for name in ("torch", "safetensors", "doit")},
+        },
         "converted_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 

@@ -25,17 +25,35 @@ def run(job: Job) -> None:
     except ConversionError as error:
         raise ConversionError(f"{job.source}: {error}") from error
     if not dims.norm_rows and job.bandwidth_id:
-        logger.warning(f"bandwidth_id {job.bandwidth_id} ignored: this model's norms are "
-                       "plain LayerNorms, not per-bandwidth tables")
+        logger.warning(
+            f"bandwidth_id {job.bandwidth_id} ignored: this model's norms are "
+            "plain LayerNorms, not per-bandwidth tables"
+        )
     renamed = sum(item.name != item.source for item in planned)
     reshaped = sum(item.shape != flat[item.source]["shape"] for item in planned)
-    logger.info(f"{len(planned)} output tensors: {renamed} renamed, {reshaped} reshaped; "
-                f"{dims.convnext_layers} ConvNeXt blocks of {dims.channels}, "
-                f"head {dims.head}" + (f", bandwidth row {job.bandwidth_id} of {dims.norm_rows}"
-                                       if dims.norm_rows else ", plain norms"))
-    write_json(job.plan_json, {
-        "bandwidth_id": job.bandwidth_id,
-        "dims": asdict(dims),
-        "tensors": [{**asdict(item), "key": flat[item.source]["key"],
-                     "source_shape": flat[item.source]["shape"]} for item in planned],
-    }, indent=1)
+    logger.info(
+        f"{len(planned)} output tensors: {renamed} renamed, {reshaped} reshaped; "
+        f"{dims.convnext_layers} ConvNeXt blocks of {dims.channels}, "
+        f"head {dims.head}"
+        + (
+            f", bandwidth row {job.bandwidth_id} of {dims.norm_rows}"
+            if dims.norm_rows
+            else ", plain norms"
+        )
+    )
+    write_json(
+        job.plan_json,
+        {
+            "bandwidth_id": job.bandwidth_id,
+            "dims": asdict(dims),
+            "tensors": [
+                {
+                    **asdict(item),
+                    "key": flat[item.source]["key"],
+                    "source_shape": flat[item.source]["shape"],
+                }
+                for item in planned
+            ],
+        },
+        indent=1,
+    )

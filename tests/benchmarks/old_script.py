@@ -16,11 +16,21 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-CONFIG = {"architectures": ["WavTokenizerDec"], "hidden_size": 1282, "n_embd_features": 512,
-          "n_ff": 2304, "vocab_size": 4096, "n_head": 1, "layer_norm_epsilon": 1e-06,
-          "group_norm_epsilon": 1e-06, "group_norm_groups": 32,
-          "max_position_embeddings": 8192, "n_layer": 12,
-          "posnet": {"n_embd": 768, "n_layer": 6}, "convnext": {"n_embd": 768, "n_layer": 12}}
+CONFIG = {
+    "architectures": ["WavTokenizerDec"],
+    "hidden_size": 1282,
+    "n_embd_features": 512,
+    "n_ff": 2304,
+    "vocab_size": 4096,
+    "n_head": 1,
+    "layer_norm_epsilon": 1e-06,
+    "group_norm_epsilon": 1e-06,
+    "group_norm_groups": 32,
+    "max_position_embeddings": 8192,
+    "n_layer": 12,
+    "posnet": {"n_embd": 768, "n_layer": 6},
+    "convnext": {"n_embd": 768, "n_layer": 12},
+}
 
 
 def flatten(tree, prefix=""):
@@ -35,11 +45,18 @@ def flatten(tree, prefix=""):
 
 
 def convert(source: Path, folder: Path) -> None:
-    checkpoint = torch.load(source, map_location="cpu", weights_only=False)
+    # The old script's call, as is: on torch 2.6 and newer it uses the weights-only
+    # unpickler by default.
+    checkpoint = torch.load(source, map_location="cpu")
     out = {}
     for key, value in flatten(checkpoint).items():
-        if not key.startswith(("state_dict.feature_extractor.encodec.quantizer.",
-                               "state_dict.backbone.", "state_dict.head.out")):
+        if not key.startswith(
+            (
+                "state_dict.feature_extractor.encodec.quantizer.",
+                "state_dict.backbone.",
+                "state_dict.head.out",
+            )
+        ):
             continue
         name = key.replace("state_dict.", "").replace("pos_net", "posnet")
         match = re.match(r"backbone\.posnet\.(\d+)\.(bias|weight)$", name)
@@ -55,16 +72,18 @@ def convert(source: Path, folder: Path) -> None:
             name, value = name.replace("norm.shift.weight", "norm.bias"), value[0]
         if name.endswith("gamma"):
             name = name + ".weight"
-        if (name.endswith(("norm.weight", "norm1.weight", "norm2.weight", ".bias"))
-                and name.startswith(("backbone.posnet", "backbone.embed.bias"))) \
-                or name.endswith("dwconv.bias"):
+        if (
+            name.endswith(("norm.weight", "norm1.weight", "norm2.weight", ".bias"))
+            and name.startswith(("backbone.posnet", "backbone.embed.bias"))
+        ) or name.endswith("dwconv.bias"):
             value = value.unsqueeze(1)
         out[name] = value.contiguous()
     folder.mkdir(parents=True, exist_ok=True)
     save_file(out, folder / "model.safetensors", metadata={"format": "pt"})
     size = os.path.getsize(folder / "model.safetensors")
-    (folder / "index.json").write_text(json.dumps(
-        {"total_size": size, "weight_map": {"model.safetensors": ["*"]}}, indent=4))
+    (folder / "index.json").write_text(
+        json.dumps({"total_size": size, "weight_map": {"model.safetensors": ["*"]}}, indent=4)
+    )
     (folder / "config.json").write_text(json.dumps(CONFIG, indent=4))
     del checkpoint, out
 
