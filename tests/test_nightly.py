@@ -157,6 +157,18 @@ def test_touched_checkpoint_is_hashed_once_and_not_reconverted(project):
         assert hashed() == 2, f"run {run}"
 
 
+def test_touched_checkpoint_still_converts_when_settings_change(project):
+    source = project.checkpoint("a.ckpt")
+    project.config('[[checkpoint]]\nsource = "../ckpts/a.ckpt"\n')
+    assert project.doit().returncode == 0
+    stat = source.stat()
+    os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns + 5_000_000_000))
+    project.config('[[checkpoint]]\nsource = "../ckpts/a.ckpt"\nbandwidth_id = 2\n')
+    result = project.doit()
+    assert result.returncode == 0, result.stderr
+    assert project.ran() == {"a": ["transform", "save_safetensors", "write_config"]}
+
+
 def test_changed_checkpoint_is_reconverted(project):
     """New weights under the same names: the plan and config.json stay, the tensors change."""
     source = project.checkpoint("a.ckpt", seed=1)

@@ -25,6 +25,7 @@ from pipeline import __version__
 from pipeline.checkpoint import map_tensors, navigate, open_checkpoint
 from pipeline.errors import ConversionError, OutputError
 from pipeline.files import atomic_path, output_error, read_json, remove_stale_temps, write_json
+from pipeline.hashing import sha256
 from pipeline.stages import Job
 
 CONVERTER = f"wavtokenizer-pipeline {__version__}"
@@ -64,7 +65,9 @@ def source_tensors(job: Job, loaded: dict) -> dict:
     Falls back to unpickling again when load could not locate them (a legacy file).
     """
     stat = job.source.stat()
-    if (stat.st_size, stat.st_mtime_ns) != (loaded["size"], loaded["mtime_ns"]):
+    if stat.st_size != loaded["size"] or (
+        stat.st_mtime_ns != loaded["mtime_ns"] and sha256(job.source) != loaded["sha256"]
+    ):
         raise ConversionError(f"{job.source}: changed since the load stage read it; run again")
     kept = {entry["key"]: entry for entry in loaded["kept"]}
     if all("offset" in entry for entry in kept.values()):
