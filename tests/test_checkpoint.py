@@ -148,7 +148,9 @@ def test_code_in_a_pickle_is_never_run(tmp_path, payload, named, messages):
     assert not (tmp_path / "out").exists()
 
 
-def test_default_load_is_weights_only(tmp_path, tiny_path, monkeypatch):
+@pytest.fixture
+def weights_only_calls(monkeypatch) -> list:
+    """The weights_only argument of every torch.load call the test makes."""
     calls = []
     original = torch.load
 
@@ -157,21 +159,18 @@ def test_default_load_is_weights_only(tmp_path, tiny_path, monkeypatch):
         return original(*args, **kwargs)
 
     monkeypatch.setattr(torch, "load", spy)
+    return calls
+
+
+def test_default_load_is_weights_only(tmp_path, tiny_path, weights_only_calls):
     assert convert(tiny_path, tmp_path, 0, trusted=False) == 0
-    assert calls == [True]  # save_safetensors maps what load located, unpickling nothing
+    # save_safetensors maps what load located: it unpickles nothing
+    assert weights_only_calls == [True]
 
 
-def test_trusted_loads_fully_with_a_warning(tmp_path, tiny_path, monkeypatch, messages):
-    calls = []
-    original = torch.load
-
-    def spy(*args, **kwargs):
-        calls.append(kwargs.get("weights_only"))
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(torch, "load", spy)
+def test_trusted_loads_fully_with_a_warning(tmp_path, tiny_path, weights_only_calls, messages):
     assert convert(tiny_path, tmp_path, 0, trusted=True) == 0
-    assert calls == [False]
+    assert weights_only_calls == [False]
     assert (
         "WARNING",
         "tiny.ckpt: trusted = true: loading with the full pickle loader, "

@@ -63,12 +63,17 @@ def test_bandwidth_edit_reruns_one_checkpoint_from_transform(project):
     assert (project.output("a") / "config.json").read_bytes() == config_before
 
 
-def test_identical_output_stops_the_rerun(project):
-    """A stage whose code changed reruns; when its output is unchanged, nothing after it does."""
-    two_checkpoints(project)
+def own_copy_of_the_package(project) -> None:
+    """A copy of pipeline/ beside the project's dodo.py, which doit imports first."""
     shutil.copytree(
         REPO / "pipeline", project.root / "pipeline", ignore=shutil.ignore_patterns("__pycache__")
     )
+
+
+def test_identical_output_stops_the_rerun(project):
+    """A stage whose code changed reruns; when its output is unchanged, nothing after it does."""
+    two_checkpoints(project)
+    own_copy_of_the_package(project)
     assert project.doit().returncode == 0
     flatten = project.root / "pipeline" / "stages" / "flatten.py"
     flatten.write_text(flatten.read_text() + "\n# a comment changes the code, not the output\n")
@@ -79,9 +84,7 @@ def test_identical_output_stops_the_rerun(project):
 
 def test_code_change_reruns_that_stage(project):
     two_checkpoints(project)
-    shutil.copytree(
-        REPO / "pipeline", project.root / "pipeline", ignore=shutil.ignore_patterns("__pycache__")
-    )
+    own_copy_of_the_package(project)
     assert project.doit().returncode == 0
     module = project.root / "pipeline" / "stages" / "hf_config.py"
     module.write_text(
