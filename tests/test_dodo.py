@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 
+from pipeline.cli import convert
 from tests.conftest import REPO
 
 STAGES = ["load", "flatten", "transform", "save_safetensors", "write_index", "write_config"]
@@ -148,3 +149,20 @@ def test_configs_folder_from_the_command_line(project):
     result = project.doit("configs=other")
     assert result.returncode == 0, result.stderr
     assert project.ran() == {"x": STAGES}
+
+
+def test_two_worker_processes(project):
+    """Actions are module-level functions with plain arguments: doit's process pool runs them."""
+    two_checkpoints(project)
+    project.checkpoint("c.ckpt", seed=3)
+    project.config(TWO + '\n[[checkpoint]]\nsource = "../ckpts/c.ckpt"\n')
+    result = project.doit("-n", "2")
+    assert result.returncode == 0, result.stderr
+    assert project.ran() == {"a": STAGES, "b": STAGES, "c": STAGES}
+    serial = project.root / "serial"
+    for name in ("a", "b", "c"):
+        assert convert(project.root / "ckpts" / f"{name}.ckpt", serial / name, 0, False) == 0
+        for artifact in ("model.safetensors", "index.json", "config.json"):
+            assert (project.output(name) / artifact).read_bytes() == (
+                serial / name / artifact
+            ).read_bytes()
