@@ -26,6 +26,7 @@ REASONS = {
 
 
 class DryRun(DoitCmdBase):
+    name = "dry-run"
     doc_purpose = "show which checkpoints and stages would run, and why, without running"
     doc_usage = "[TASK ...]"
     doc_description = None

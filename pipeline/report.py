@@ -79,6 +79,8 @@ class RunReporter:
         self._finish(task, "failed", reason)
         if not isinstance(fail, TaskFailed):
             logger.bind(**_context(task)).error(reason)
+            if fail.traceback:
+                logger.bind(**_context(task)).debug("".join(fail.traceback).rstrip())
 
     def skip_uptodate(self, task: Any) -> None:
         self._finish(task, "up to date")
@@ -162,9 +164,9 @@ def _checkpoint_row(entry: dict) -> dict:
         reason = next(r.reason for r in stages.values() if r.status == "skipped")
     elif "interrupted" in statuses:
         status, reason = "interrupted", "the run was stopped"
-    elif "ran" in statuses:
+    elif any(record.status == "ran" for stage, record in stages.items() if stage != "sample"):
         status, reason = "converted", None
-    elif statuses and all(s in ("up to date", "ignored") for s in statuses):
+    elif statuses and all(s in ("up to date", "ignored", "ran") for s in statuses):
         status, reason = "up to date", None
     else:
         status, reason = "not run", None

@@ -14,7 +14,6 @@ for the scaled-down checkpoints that tests use.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import types
 from collections import OrderedDict
@@ -313,17 +312,19 @@ def write_checkpoint(path: Path, checkpoint: dict[str, Any], *, legacy: bool = F
     """Save with torch.save through a temporary file, so a reader never sees half of it."""
     import torch
 
+    from pipeline.files import atomic_path
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
+    with atomic_path(path) as temp, temp.open("wb") as file:
         # Through a file object, as Lightning saves: the zip's root folder is then
         # "archive", whatever the file is called.
-        with partial.open("wb") as file:
+        try:
             torch.save(checkpoint, file, _use_new_zipfile_serialization=not legacy)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
+        except RuntimeError as error:
+            # Ctrl-C inside torch's zip writer surfaces as its own RuntimeError.
+            if isinstance(error.__context__, KeyboardInterrupt):
+                raise error.__context__ from None
+            raise
     return path
 
 
@@ -373,7 +374,11 @@ def write_sample(path: str, release: str, name: str) -> None:
     """doit action: write the full-size sample checkpoint that a config entry asks for."""
     from loguru import logger
 
+    from pipeline.files import remove_stale_temps
+
     with logger.contextualize(checkpoint=name, stage="sample"):
+        for stale in remove_stale_temps(Path(path).parent):
+            logger.info(f"removed {stale.name}, left behind by an interrupted run")
         logger.info(
             f"generating a synthetic {release} checkpoint at {path} (about 2 GB, "
             "random weights, seed 0)"

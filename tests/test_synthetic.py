@@ -84,3 +84,18 @@ def test_plain_norm_variant():
     names = [name for name, _ in synthetic.decoder_entries(synthetic.tiny_dims(adanorm=0))]
     assert "backbone.norm.weight" in names and "backbone.norm.scale.weight" not in names
     assert "backbone.convnext.0.norm.bias" in names
+
+
+def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
+    """Ctrl-C inside torch's zip writer comes out as KeyboardInterrupt, and no file stays."""
+
+    def interrupted(*args, **kwargs):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise RuntimeError("[enforce fail at inline_container.cc] unexpected pos") from None
+
+    monkeypatch.setattr(torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        synthetic.write_tiny(tmp_path / "x.ckpt")
+    assert list(tmp_path.iterdir()) == []
