@@ -19,11 +19,12 @@ from doit.tools import config_changed
 
 from pipeline import project
 from pipeline.code_version import fingerprint
-from pipeline.configs import read_configs
+from pipeline.configs import check_command_line, read_configs
 from pipeline.errors import ConfigError
 from pipeline.hashing import ContentChecker
 from pipeline.report import RunReporter
 from pipeline.stages import STAGES, Job, run_stage, stage_module
+from pipeline.stages.load import describes_source
 from pipeline.synthetic import write_sample
 
 ROOT = Path(__file__).resolve().parent
@@ -40,8 +41,10 @@ DOIT_CONFIG = {
 }
 
 try:
+    check_command_line(sys.argv[1:])
     ENTRIES = read_configs(CONFIGS, ROOT)
 except ConfigError as error:
+    project.refuse(str(error))
     raise InvalidDodoFile(str(error)) from None
 JOBS = [Job.of(entry, PROJECT.build) for entry in ENTRIES]
 # One checkpoint's stages after the other's, so a batch reads in order and frees memory.
@@ -54,7 +57,7 @@ def _meta(job, stage, position):
             "source": str(job.source), "output": str(job.output)}
 
 
-def _subtask(stage, position, job, *, file_dep, targets, settings=None):
+def _subtask(stage, position, job, *, file_dep, targets, settings=None, checks=()):
     """One stage of one checkpoint, rerun when its inputs, settings or code change."""
     code = fingerprint(stage_module(stage))
     return {
@@ -63,7 +66,7 @@ def _subtask(stage, position, job, *, file_dep, targets, settings=None):
         "actions": [(run_stage, [stage, job])],
         "file_dep": [str(path) for path in file_dep],
         "targets": [str(path) for path in targets],
-        "uptodate": [config_changed({"code": code, **(settings or {})})],
+        "uptodate": [config_changed({"code": code, **(settings or {})}), *checks],
         "clean": True,
         "meta": _meta(job, stage, position),
     }
@@ -88,7 +91,8 @@ def task_load():
     """Open each checkpoint safely, find its state dict, keep the decoder's tensors."""
     for position, job in enumerate(JOBS):
         yield _subtask("load", position, job, file_dep=[job.source], targets=[job.load_json],
-                       settings={"source": str(job.source), "trusted": job.trusted})
+                       settings={"source": str(job.source), "trusted": job.trusted},
+                       checks=[(describes_source, [str(job.load_json)])])
 
 
 def task_flatten():
@@ -123,6 +127,8 @@ def task_write_index():
 
 def task_write_config():
     """Write config.json for llama.cpp, every size read from the checkpoint."""
+    # NOTE: after save_safetensors too, so that a folder whose model could not be
+    # written (someone else's, a full disk) never gets a config.json that does not match.
     for position, job in enumerate(JOBS):
-        yield _subtask("write_config", position, job, file_dep=[job.plan_json],
+        yield _subtask("write_config", position, job, file_dep=[job.plan_json, job.saved_json],
                        targets=[job.config])

@@ -13,8 +13,12 @@ Checkpoints come from many hands, so the loader trusts nothing in them:
 
 from __future__ import annotations
 
+import binascii
+import bisect
+import mmap
 import pickle
 import pickletools
+import struct
 import zipfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -30,77 +34,34 @@ if TYPE_CHECKING:
     import torch
 
 ZIP_MAGIC = b"PK\x03\x04"
-# torch.save's legacy format opens with a pickled magic number (protocol 2, LONG1).
-LEGACY_MAGIC = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
+# torch.save's legacy format opens with a pickled magic number (LONG1, 10 bytes).
+LEGACY_MAGIC = b"\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
 LFS_POINTER = b"version https://git-lfs"
 SNIFF_BYTES = 512
+MAX_DEPTH = 8  # how deep in the checkpoint's dicts and lists the state dict may sit
 
 # Modules and names whose appearance in a pickle means it tries to run code. A
 # placeholder would keep them inert too, but such a file is refused outright.
+# fmt: off
 CODE_RUNNING_MODULES = {
-    "os",
-    "posix",
-    "nt",
-    "sys",
-    "subprocess",
-    "importlib",
-    "runpy",
-    "shutil",
-    "pty",
-    "socket",
-    "ctypes",
-    "marshal",
-    "pickle",
-    "_pickle",
-    "code",
-    "codeop",
-    "types",
-    "functools",
-    "operator",
-    "webbrowser",
-    "multiprocessing",
-    "threading",
-    "signal",
-    "asyncio",
-    "pdb",
-    "timeit",
-    "tempfile",
-    "io",
-    "_io",
-    "urllib",
-    "http",
-    "requests",
-    "dill",
-    "cloudpickle",
-    "commands",
-    "torch.hub",
-    "torch.jit",
-    "torch.ops",
-    "torch._C",
+    "os", "posix", "nt", "sys", "subprocess", "commands", "importlib", "runpy", "shutil",
+    "pty", "socket", "ctypes", "marshal", "pickle", "_pickle", "code", "codeop",
+    "functools", "operator", "webbrowser", "multiprocessing", "threading", "signal",
+    "asyncio", "pdb", "timeit", "tempfile", "io", "_io", "urllib", "http", "requests",
+    "dill", "cloudpickle", "torch.hub", "torch.jit", "torch.ops", "torch._C",
     "torch.utils.cpp_extension",
 }
 CODE_RUNNING_BUILTINS = {
-    "eval",
-    "exec",
-    "compile",
-    "__import__",
-    "open",
-    "getattr",
-    "setattr",
-    "delattr",
-    "globals",
-    "locals",
-    "vars",
-    "breakpoint",
-    "input",
-    "help",
-    "exit",
-    "quit",
-    "__build_class__",
-    "super",
-    "memoryview",
+    "eval", "exec", "compile", "__import__", "open", "getattr", "setattr", "delattr",
+    "globals", "locals", "vars", "breakpoint", "input", "help", "exit", "quit",
+    "__build_class__", "super", "memoryview",
 }
-CODE_RUNNING_NAMES = {"torch.load", "torch.save", "numpy.load", "numpy.save"}
+CODE_RUNNING_NAMES = {
+    "torch.load", "torch.save", "numpy.load", "numpy.save", "types.FunctionType",
+    "types.CodeType", "types.LambdaType", "types.MethodType", "types.ModuleType",
+    "types.new_class", "types.prepare_class",
+}
+# fmt: on
 
 
 @dataclass
@@ -141,7 +102,7 @@ def sniff(path: Path) -> str:
     if head.startswith(ZIP_MAGIC):
         _check_zip(path, size)
         return "zip"
-    if head.startswith(LEGACY_MAGIC):
+    if head[:1] == b"\x80" and LEGACY_MAGIC in head[:32]:
         return "legacy"
     if size >= 10 and head[8:10] == b'{"':
         raise CheckpointError(
@@ -292,6 +253,42 @@ def _mapping_start(path: Path, pointers: list[int]) -> int | None:
     return None
 
 
+def check_records(path: Path, extents: dict[str, tuple[int, int]]) -> None:
+    """Check the CRC-32 of every zip record holding one of the (offset, length) ranges.
+
+    torch reads a memory-mapped record without checking it, so damaged bytes inside a
+    kept tensor would otherwise reach the output unnoticed.
+    """
+    with path.open("rb") as file, zipfile.ZipFile(file) as archive:
+        records = []
+        for info in archive.infolist():
+            file.seek(info.header_offset + 26)
+            name_length, extra_length = struct.unpack("<HH", file.read(4))
+            start = info.header_offset + 30 + name_length + extra_length
+            records.append((start, start + info.file_size, info))
+        records.sort(key=lambda record: record[0])
+        starts = [record[0] for record in records]
+        wanted: dict[int, str] = {}
+        for key, (offset, length) in extents.items():
+            index = bisect.bisect_right(starts, offset) - 1
+            if index < 0 or offset + length > records[index][1]:
+                raise CheckpointError(f"{path}: is damaged: {key!r} lies outside its record")
+            wanted.setdefault(index, key)
+        with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            for index, key in wanted.items():
+                start, end, info = records[index]
+                if _crc32(mapped, start, end) != info.CRC:
+                    raise CheckpointError(
+                        f"{path}: is damaged: the bytes of {key!r} fail their CRC check "
+                        f"(zip record {info.filename!r}); copy or download it again"
+                    )
+
+
+def _crc32(mapped: mmap.mmap, start: int, end: int) -> int:
+    with memoryview(mapped) as view, view[start:end] as chunk:
+        return binascii.crc32(chunk)
+
+
 def map_tensors(path: Path, entries: dict[str, dict]) -> dict[str, "torch.Tensor"]:
     """Views of the file's bytes as tensors, from the locations `locate` recorded."""
     import torch
@@ -316,7 +313,9 @@ def _torch_load(path: Path, kind: str, *, weights_only: bool) -> Any:
         return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=kind == "zip")
     except pickle.UnpicklingError as error:
         raise CheckpointError(
-            f"{path}: the weights-only loader refused it: {_first_line(error)}"
+            f"{path}: the weights-only loader cannot rebuild an object in it "
+            f"({_unpickler_cause(error)}); if the team vouches for this file, set "
+            "trusted = true on its config entry"
         ) from error
     except (
         RuntimeError,
@@ -339,6 +338,14 @@ def _torch_load(path: Path, kind: str, *, weights_only: bool) -> Any:
         ) from error
 
 
+def _unpickler_cause(error: BaseException) -> str:
+    """The reason inside torch's long 'Weights only load failed' message."""
+    text = str(error)
+    marker = "WeightsUnpickler error:"
+    cause = text.split(marker, 1)[1] if marker in text else text
+    return cause.strip().splitlines()[0][:200] if cause.strip() else type(error).__name__
+
+
 def _first_line(error: BaseException) -> str:
     text = str(error).strip() or type(error).__name__
     return text.splitlines()[0][:300]
@@ -352,6 +359,12 @@ def _unsafe_globals(path: Path, kind: str) -> set[str]:
         if kind == "zip":
             return set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
         return _legacy_globals(path) - set(_allowed_globals())
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(
+            f"{path}: its pickle uses opcodes torch's weights-only loader does not read "
+            f"({_first_line(error)}): saved with another pickle protocol than "
+            "torch.save's default? Save it again with the defaults, or set trusted = true"
+        ) from error
     except (
         RuntimeError,
         ValueError,
@@ -359,7 +372,6 @@ def _unsafe_globals(path: Path, kind: str) -> set[str]:
         KeyError,
         IndexError,
         OSError,
-        pickle.UnpicklingError,
     ) as error:
         raise CheckpointError(
             f"{path}: cannot be read as a checkpoint; it looks truncated "
@@ -377,8 +389,9 @@ def _legacy_globals(path: Path) -> set[str]:
                     found.add(str(argument).replace(" ", "."))
                 elif opcode.name == "STACK_GLOBAL":
                     raise CheckpointError(
-                        f"{path}: uses pickle protocol 4 globals, which "
-                        "torch.save never writes; not a checkpoint"
+                        f"{path}: its pickle uses protocol 4 globals, which torch's "
+                        "weights-only loader does not read; save it again with "
+                        "torch.save's defaults, or set trusted = true"
                     )
     return found
 
@@ -458,12 +471,19 @@ def find_state_dict(content: Any, path: Path) -> tuple[list[str], Mapping[str, "
     return at, mapping
 
 
-def _mappings(node: Any, at: list[str], depth: int = 0) -> Iterator[tuple[list[str], Mapping]]:
-    if not isinstance(node, Mapping) or depth > 4:
+def _mappings(node: Any, at: list, depth: int = 0) -> Iterator[tuple[list, Mapping]]:
+    """Every mapping in the object, with the keys (or list indices) that lead to it."""
+    if depth > MAX_DEPTH:
         return
-    yield at, node
-    for key, value in node.items():
-        if isinstance(key, str) and isinstance(value, Mapping):
+    if isinstance(node, Mapping):
+        yield at, node
+        children = [(k, v) for k, v in node.items() if isinstance(k, str)]
+    elif isinstance(node, (list, tuple)):
+        children = list(enumerate(node))
+    else:
+        return
+    for key, value in children:
+        if isinstance(value, (Mapping, list, tuple)):
             yield from _mappings(value, at + [key], depth + 1)
 
 
@@ -482,15 +502,17 @@ def _top_level(content: Any) -> str:
 def _sample_tensor_names(content: Any, limit: int = 5) -> str:
     names = []
     for at, mapping in _mappings(content, []):
-        names += [".".join(at + [str(key)]) for key, value in mapping.items() if _is_tensor(value)]
+        names += [
+            ".".join(map(str, at + [key])) for key, value in mapping.items() if _is_tensor(value)
+        ]
         if len(names) >= limit:
             break
     return ", ".join(names[:limit]) or "(none)"
 
 
-def describe(at: list[str]) -> str:
+def describe(at: list) -> str:
     """Where a state dict sits, for messages: `'state_dict'` or `the top level`."""
-    return "the top level" if not at else "'" + "' > '".join(at) + "'"
+    return "the top level" if not at else " > ".join(repr(key) for key in at)
 
 
 def navigate(content: Any, at: list[str]) -> Mapping:

@@ -23,6 +23,7 @@ DEFAULT_KEYS = ENTRY_KEYS - {"source", "name", "output"}
 TOP_LEVEL_KEYS = {"defaults", "checkpoint"}
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 GLOB_CHARS = re.compile(r"[*?\[]")
+KINDS = {str: "a string", int: "a whole number", bool: "true or false"}
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ def read_configs(folder: Path, project_root: Path) -> list[Entry]:
         raise ConfigError(
             f"configs folder {str(folder)!r} does not exist; create it or pass configs=DIR"
         )
-    files = sorted(folder.glob("*.toml"))
+    files = sorted(path for path in folder.glob("*.toml") if path.is_file())
     if not files:
         raise ConfigError(
             f"configs folder {str(folder)!r} holds no *.toml file; add one "
@@ -83,6 +84,11 @@ def read_config(path: Path, project_root: Path) -> list[Entry]:
     entries = []
     for number, raw in enumerate(checkpoints, start=1):
         where = f"{path}: [[checkpoint]] #{number}"
+        if not isinstance(raw, dict):
+            raise ConfigError(
+                f"{where}: is {raw!r}; each checkpoint is a [[checkpoint]] table with "
+                'source = "..."'
+            )
         if "source" in raw:
             where += f" (source {raw['source']!r})"
         _check_keys(raw, ENTRY_KEYS, where)
@@ -153,13 +159,13 @@ def _typed(
         return default
     value = values[key]
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ConfigError(f"{where}: {key} must be a {kind.__name__}, got {value!r}")
+        raise ConfigError(f"{where}: {key} must be {KINDS[kind]}, got {value!r}")
     return value
 
 
 def _sources(pattern: Path, sample: str | None, where: str) -> list[Path]:
     text = str(pattern)
-    if GLOB_CHARS.search(text):
+    if GLOB_CHARS.search(text) and not pattern.exists():
         if sample is not None:
             raise ConfigError(
                 f"{where}: a sample is generated at one path; its source cannot be a glob"
@@ -203,9 +209,32 @@ def _check_unique(entries: list[Entry]) -> None:
             value = getattr(entry, attribute)
             if value in seen:
                 first = seen[value]
+                if first.origin == entry.origin:
+                    advice = (
+                        "the glob finds two files of that name; list them as separate "
+                        "[[checkpoint]] entries, each with its own name"
+                    )
+                else:
+                    advice = f"give one of them its own {attribute}"
                 raise ConfigError(
                     f"two checkpoints share the {attribute} {str(value)!r}: "
                     f"{first.source} from {first.origin} and {entry.source} from "
-                    f"{entry.origin}; give one of them its own {attribute}"
+                    f"{entry.origin}; {advice}"
                 )
             seen[value] = entry
+
+
+def check_command_line(argv: list[str]) -> None:
+    """Catch a task selected by its file's name, which doit would read as a variable.
+
+    `doit write_config:epoch=14-step=3000` would set a variable and run everything.
+    """
+    for arg in argv:
+        name, equals, _ = arg.partition("=")
+        if equals and ":" in name and not arg.startswith("-"):
+            stage, _, rest = arg.partition(":")
+            raise ConfigError(
+                f"{arg!r} is read by doit as a variable because of its '='; task names "
+                f"replace '=' with '_': use {stage}:{task_name(Path(rest + '.ckpt'))} "
+                "(see doit list --all)"
+            )

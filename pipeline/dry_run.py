@@ -13,6 +13,8 @@ from doit.exceptions import InvalidCommand
 
 from pipeline.report import STAGE_ORDER
 
+# Our own uptodate checks, by function name; doit's config_changed is "settings or code".
+CHECKS = {"describes_source": "the checkpoint changed since load read it"}
 REASONS = {
     "has_no_dependencies": "always runs",
     "uptodate_false": "its settings or code changed",
@@ -57,13 +59,20 @@ class DryRun(DoitCmdBase):
 
     def _verdict(self, task: Any, tasks: dict, producers: dict, will_run: set[str]) -> str:
         status = self.dep_manager.get_status(task, tasks, get_log=True)
-        if status.status != "up-to-date":
-            will_run.add(task.name)
-            return "runs: " + _reasons(status.reasons)
         upstream = sorted(
             {producers[dep] for dep in task.file_dep if producers.get(dep) in will_run}
             | (set(task.task_dep) & will_run)
         )
+        missing = [
+            dep
+            for dep in status.reasons.get("missing_file_dep", [])
+            if producers.get(dep) not in will_run
+        ]
+        if status.status == "error" and missing:
+            return "cannot run: " + _reasons(status.reasons)
+        if status.status == "run":
+            will_run.add(task.name)
+            return "runs: " + _reasons(status.reasons)
         if upstream:
             will_run.add(task.name)
             return f"waits on {', '.join(upstream)}: runs if its output changes"
@@ -110,6 +119,9 @@ def _reasons(reasons: dict) -> str:
         value = reasons.get(key)
         if not value:
             continue
+        if key == "uptodate_false":
+            parts += [CHECKS.get(getattr(check, "__name__", ""), template) for check, *_ in value]
+            continue
         items = value if isinstance(value, list) else []
         parts.append(template.format(", ".join(map(str, items))) if "{}" in template else template)
-    return "; ".join(parts) or "not up to date"
+    return "; ".join(dict.fromkeys(parts)) or "not up to date"

@@ -11,6 +11,7 @@ import errno
 import json
 import os
 import re
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,6 +21,8 @@ from pipeline.errors import OutputError
 
 TEMP_NAME = re.compile(r"\..+\.tmp-(?P<pid>\d+)")
 FILE_MODE = 0o644  # safetensors creates its files readable by their owner only
+WRITER_TEMP = re.compile(r"\.tmp[A-Za-z0-9]{6}")
+WRITER_TEMP_AGE = 60
 
 
 @contextmanager
@@ -79,14 +82,22 @@ def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
-def remove_stale_temps(folder: Path) -> list[Path]:
-    """Delete temporary files that a killed process left behind in folder."""
+def remove_stale_temps(folder: Path, *, writer_temps: bool = False) -> list[Path]:
+    """Delete temporary files that a killed process left behind in folder.
+
+    With `writer_temps`, also the `.tmpXXXXXX` files safetensors writes before renaming
+    them onto our own temporary file, once they are a minute old: a file that old in an
+    output folder only this pipeline writes to belongs to a write that was killed.
+    """
     removed = []
     if not folder.is_dir():
         return removed
     for path in folder.iterdir():
         found = TEMP_NAME.fullmatch(path.name)
-        if found and not _alive(int(found["pid"])):
+        stale = found is not None and not _alive(int(found["pid"]))
+        if writer_temps and WRITER_TEMP.fullmatch(path.name) and path.is_file():
+            stale = time.time() - path.stat().st_mtime > WRITER_TEMP_AGE
+        if stale:
             path.unlink(missing_ok=True)
             removed.append(path)
     return removed

@@ -129,9 +129,15 @@ class BackgroundHash:
         return digest
 
     def cancel(self) -> None:
-        if self._process is not None:
+        if self._process is not None and self._digest is None:
             self._process.kill()
             self._process.communicate()
+
+    def __enter__(self) -> "BackgroundHash":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.cancel()  # a no-op once result() has the digest
 
 
 class ContentChecker(FileChangedChecker):

@@ -225,6 +225,24 @@ def _error_line(fail: Any) -> str:
     return f"{fail.message}: {last} (an error in the pipeline; see logs/pipeline.log)"
 
 
+def write_refusal(folder: Path, message: str) -> None:
+    """The report of a run that stopped before any work, so no stale report stays latest."""
+    started = datetime.now(timezone.utc)
+    report = {
+        "started": started.isoformat(timespec="seconds"),
+        "seconds": 0.0,
+        "status": "failed",
+        "converter": f"wavtokenizer-pipeline {__version__}",
+        "errors": [message],
+        "checkpoints": [],
+        "totals": _totals([]),
+    }
+    try:
+        write_reports(folder, report, started)
+    except Exception as error:  # the refusal itself is already on stderr and in the log
+        logger.bind(console=False).error(f"could not write the run report: {error}")
+
+
 def write_reports(folder: Path, report: dict, started: datetime) -> Path:
     """Write latest.{json,md} and the dated copies; keep the newest KEEP_REPORTS runs."""
     stamp = started.strftime("%Y%m%dT%H%M%S.%fZ")

@@ -8,6 +8,7 @@ removed; the rules below match canonical names as whole dot-separated segments.
 from __future__ import annotations
 
 import re
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 
 from pipeline.errors import ConversionError
@@ -369,16 +370,28 @@ def _block_indices(prefix: str, shapes: dict[str, list[int]]) -> set[int]:
 
 
 def _read_dims(shapes: dict[str, list[int]]) -> Dims:
-    norm = shapes.get("backbone.norm.scale.weight")
+    """The decoder's sizes, each the value most tensors agree on.
+
+    Voting, rather than reading one tensor, lets the audit blame the odd tensor out
+    instead of every tensor that disagrees with it.
+    """
+    votes: dict[str, Counter] = defaultdict(Counter)
+    # The codebook votes first, so that it wins a tie on its own sizes.
+    for name, shape in sorted(shapes.items(), key=lambda item: (item[0] != CODEBOOK_EMBED, item)):
+        rule, _ = match_rule(name)
+        for axis, size in zip(rule.shape, shape):
+            if isinstance(axis, str):
+                votes[axis][size] += 1
+    size = {axis: counter.most_common(1)[0][0] for axis, counter in votes.items()}
     return Dims(
-        channels=shapes["backbone.embed.weight"][0],
-        features=shapes[CODEBOOK_EMBED][1],
-        vocab=shapes[CODEBOOK_EMBED][0],
-        n_ff=shapes["backbone.convnext.0.pwconv1.weight"][0],
-        head=shapes["head.out.weight"][0],
+        channels=size["C"],
+        features=size["features"],
+        vocab=size["vocab"],
+        n_ff=size["FF"],
+        head=size["H"],
         convnext_layers=len(_block_indices("backbone.convnext.", shapes)),
         posnet_layers=len(_block_indices("backbone.pos_net.", shapes)),
-        norm_rows=norm[0] if norm else 0,
+        norm_rows=size.get("R", 0),
     )
 
 

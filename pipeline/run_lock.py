@@ -1,6 +1,6 @@
 """One doit run at a time per project.
 
-The lock is an flock on a file under build/, taken when dodo.py loads (before doit
+The lock is an flock on the project's .run.lock, taken when dodo.py loads (before doit
 opens its state) and released by the kernel when the process ends, however it ends.
 The file also records who holds it, so the refused run can say so.
 """
@@ -46,6 +46,10 @@ def needs_lock(argv: list[str]) -> bool:
         elif not arg.startswith("-") and "=" not in arg:
             return arg not in READ_ONLY_COMMANDS
     return True
+
+
+def held() -> bool:
+    return _held is not None
 
 
 def acquire(path: Path) -> None:

@@ -404,3 +404,33 @@ def test_safetensors_file_given_as_checkpoint(tmp_path, tiny_path):
     convert(tiny_path, tmp_path, 0, trusted=False)
     with pytest.raises(CheckpointError, match="is a safetensors file, not a training checkpoint"):
         sniff(tmp_path / "model.safetensors")
+
+
+def test_an_object_the_unpickler_cannot_rebuild_points_to_trusted(tmp_path, messages):
+    import collections
+
+    checkpoint = tiny(optimizer=False)
+    checkpoint["hyper_parameters"]["counts"] = collections.defaultdict(list, {"a": [1]})
+    source = synthetic.write_checkpoint(tmp_path / "dd.ckpt", checkpoint)
+    assert convert(source, tmp_path / "out", 0, trusted=False) == 1
+    errors = [m for level, m in messages if level == "ERROR"]
+    assert errors[0] == (
+        f"{source}: the weights-only loader cannot rebuild an object in it (Can only SETITEM "
+        "for dict, collections.OrderedDict, collections.Counter, but got <class "
+        "'collections.defaultdict'>); if the team vouches for this file, set trusted = true "
+        "on its config entry"
+    )
+
+
+def test_a_sparse_decoder_tensor_is_named(tmp_path, messages):
+    checkpoint = tiny(optimizer=False)
+    checkpoint["state_dict"]["head.out.weight"] = checkpoint["state_dict"][
+        "head.out.weight"
+    ].to_sparse()
+    source = synthetic.write_checkpoint(tmp_path / "sparse.ckpt", checkpoint)
+    assert convert(source, tmp_path / "out", 0, trusted=False) == 1
+    assert (
+        "ERROR",
+        f"{source}: 'head.out.weight' is a torch.sparse_coo tensor; the decoder's "
+        "tensors must be dense",
+    ) in messages

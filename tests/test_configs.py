@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.configs import Entry, read_configs, task_name
+from pipeline.configs import Entry, check_command_line, read_configs, task_name
 from pipeline.errors import ConfigError
 
 
@@ -147,7 +147,7 @@ def test_task_names_are_safe_on_doit_command_line(stem, name):
         ('[[checkpoint]]\nname = "x"\n', r"#1: missing required key 'source'"),
         (
             '[[checkpoint]]\nsource = "../ckpts/a.ckpt"\nbandwidth_id = "1"\n',
-            r"bandwidth_id must be a int, got '1'",
+            r"bandwidth_id must be a whole number, got '1'",
         ),
         (
             '[[checkpoint]]\nsource = "../ckpts/a.ckpt"\nbandwidth_id = -1\n',
@@ -155,7 +155,7 @@ def test_task_names_are_safe_on_doit_command_line(stem, name):
         ),
         (
             '[[checkpoint]]\nsource = "../ckpts/a.ckpt"\ntrusted = 1\n',
-            r"trusted must be a bool, got 1",
+            r"trusted must be true or false, got 1",
         ),
         (
             '[[checkpoint]]\nsource = "../ckpts/a.ckpt"\nname = "a=b"\n',
@@ -212,3 +212,57 @@ def test_missing_or_empty_configs_folder(tmp_path):
 def test_sample_source_need_not_exist_yet(layout):
     write(layout, '[[checkpoint]]\nsource = "../samples/s.ckpt"\nsample = "large-320-24k-4096"\n')
     assert read(layout)[0].sample == "large-320-24k-4096"
+
+
+@pytest.mark.parametrize("text", ["checkpoint = [5]\n", 'checkpoint = ["../ckpts/a.ckpt"]\n'])
+def test_checkpoints_must_be_tables(layout, text):
+    write(layout, text)
+    with pytest.raises(
+        ConfigError, match=r"#1: is .*; each checkpoint is a \[\[checkpoint\]\] table"
+    ):
+        read(layout)
+
+
+def test_a_folder_named_like_a_config_is_not_read(layout):
+    write(layout, '[[checkpoint]]\nsource = "../ckpts/a.ckpt"\n')
+    (layout / "configs" / "old.toml").mkdir()
+    assert [entry.name for entry in read(layout)] == ["a"]
+
+
+def test_an_existing_file_with_glob_characters_is_a_file(layout):
+    (layout / "ckpts" / "x[1].ckpt").write_bytes(b"x")
+    write(layout, '[[checkpoint]]\nsource = "../ckpts/x[1].ckpt"\n')
+    assert [entry.source.name for entry in read(layout)] == ["x[1].ckpt"]
+
+
+def test_one_glob_finding_two_files_of_one_name(layout):
+    for run in ("r1", "r2"):
+        (layout / run).mkdir()
+        (layout / run / "last.ckpt").write_bytes(b"x")
+    write(layout, '[[checkpoint]]\nsource = "../r*/last.ckpt"\n')
+    with pytest.raises(
+        ConfigError,
+        match="the glob finds two files of that name; list them as "
+        "separate .* entries, each with its own name",
+    ):
+        read(layout)
+
+
+@pytest.mark.parametrize(
+    "arg, suggestion",
+    [
+        ("write_config:epoch=14-step=3000", "write_config:epoch_14-step_3000"),
+        ("load:last=1", "load:last_1"),
+    ],
+)
+def test_a_task_named_after_its_file_is_caught(arg, suggestion):
+    with pytest.raises(ConfigError) as error:
+        check_command_line(["-n", "2", arg])
+    assert str(error.value) == (
+        f"{arg!r} is read by doit as a variable because of its '='; task names replace '=' "
+        f"with '_': use {suggestion} (see doit list --all)"
+    )
+
+
+def test_variables_and_options_pass_the_command_line_check():
+    check_command_line(["configs=other", "--process=2", "write_config:a"])

@@ -98,11 +98,18 @@ def test_code_change_reruns_that_stage(project):
 
 
 def test_one_stage_for_one_checkpoint(project):
+    """config.json comes after the model it describes: what it needs runs first."""
     two_checkpoints(project)
     result = project.doit("write_config:b")
     assert result.returncode == 0, result.stderr
-    assert project.ran() == {"b": ["load", "flatten", "transform", "write_config"]}
-    assert sorted(p.name for p in project.output("b").iterdir()) == ["config.json"]
+    assert project.ran() == {
+        "b": ["load", "flatten", "transform", "save_safetensors", "write_config"]
+    }
+    assert sorted(p.name for p in project.output("b").iterdir()) == [
+        "config.json",
+        "model.safetensors",
+        "provenance.json",
+    ]
     assert not project.output("a").exists()
 
 

@@ -170,14 +170,16 @@ def test_touched_checkpoint_still_converts_when_settings_change(project):
 
 
 def test_changed_checkpoint_is_reconverted(project):
-    """New weights under the same names: the plan and config.json stay, the tensors change."""
+    """New weights under the same names: the plan stays, the tensors change."""
     source = project.checkpoint("a.ckpt", seed=1)
     project.config('[[checkpoint]]\nsource = "../ckpts/a.ckpt"\n')
     assert project.doit().returncode == 0
     before = (project.output("a") / "model.safetensors").read_bytes()
     synthetic.write_tiny(source, seed=2)
     assert project.doit().returncode == 0
-    assert project.ran() == {"a": ["load", "flatten", "save_safetensors", "write_index"]}
+    assert project.ran() == {
+        "a": ["load", "flatten", "save_safetensors", "write_index", "write_config"]
+    }
     assert (project.output("a") / "model.safetensors").read_bytes() != before
 
 
@@ -190,7 +192,7 @@ def test_lightning_names_are_selectable(project):
     result = project.doit("write_config:epoch_14-step_3000")
     assert result.returncode == 0, result.stderr
     assert project.ran() == {
-        "epoch_14-step_3000": ["load", "flatten", "transform", "write_config"]
+        "epoch_14-step_3000": ["load", "flatten", "transform", "save_safetensors", "write_config"]
     }
 
 
@@ -218,7 +220,7 @@ def test_dry_run_says_what_would_run_and_why_and_runs_nothing(project):
         "  transform         runs: its settings or code changed\n"
         "  save_safetensors  runs: its settings or code changed\n"
         "  write_index       waits on save_safetensors:a: runs if its output changes\n"
-        "  write_config      waits on transform:a: runs if its output changes\n"
+        "  write_config      waits on save_safetensors:a, transform:a: runs if its output changes\n"
         "b: 1 stage(s) may run\n"
         "  load              up to date\n"
         "  flatten           up to date\n"
@@ -380,3 +382,135 @@ def test_foreign_safetensors_in_the_output_folder_is_an_error(tmp_path, tiny_pat
         "converter would read them too. Move them away or set another output "
         "for this checkpoint"
     )
+
+
+def test_someone_elses_folder_is_left_alone(project):
+    from safetensors.torch import save_file
+
+    project.checkpoint("a.ckpt")
+    theirs = project.root / "theirs"
+    theirs.mkdir()
+    save_file({"w": torch.zeros(2)}, theirs / "model.safetensors")
+    (theirs / "config.json").write_text('{"architectures": ["SomeoneElsesModel"]}')
+    before = {p.name: p.read_bytes() for p in theirs.iterdir()}
+    project.config('[[checkpoint]]\nsource = "../ckpts/a.ckpt"\noutput = "../theirs"\n')
+    result = project.doit()
+    assert result.returncode == 2
+    assert {p.name: p.read_bytes() for p in theirs.iterdir()} == before
+    stages = project.report()["checkpoints"][0]["stages"]
+    assert (stages["save_safetensors"]["status"], stages["write_config"]["status"]) == (
+        "failed",
+        "skipped",
+    )
+
+
+def test_a_checkpoint_replaced_behind_load_is_loaded_again(project):
+    """load.json that no longer describes its source makes load run, whatever doit recorded."""
+    project.checkpoint("a.ckpt")
+    project.config('[[checkpoint]]\nsource = "../ckpts/a.ckpt"\n')
+    assert project.doit().returncode == 0
+    load_json = project.root / "build" / "a" / "load.json"
+    recorded = json.loads(load_json.read_text())
+    recorded.update(mtime_ns=recorded["mtime_ns"] - 1, sha256="0" * 64)
+    load_json.write_text(json.dumps(recorded))
+    dry = project.doit("dry-run")
+    assert "  load              runs: the checkpoint changed since load read it\n" in dry.stdout
+    result = project.doit()
+    assert result.returncode == 0, result.stderr
+    assert project.ran()["a"][0] == "load"
+
+
+def test_damaged_tensor_bytes_are_caught(project, tmp_path):
+    source = project.checkpoint("a.ckpt")
+    project.config('[[checkpoint]]\nsource = "../ckpts/a.ckpt"\n')
+    assert project.doit().returncode == 0
+    kept = json.loads((project.root / "build" / "a" / "load.json").read_text())["kept"]
+    offset = next(entry["offset"] for entry in kept if entry["key"] == "head.out.weight")
+    data = bytearray(source.read_bytes())
+    data[offset : offset + 8] = b"\xff" * 8
+    damaged = tmp_path / "damaged.ckpt"
+    damaged.write_bytes(bytes(data))
+    errors = []
+    from loguru import logger
+
+    sink = logger.add(lambda m: errors.append(m.record["message"]), level="ERROR")
+    try:
+        assert convert(damaged, tmp_path / "out", 0, trusted=False) == 1
+    finally:
+        logger.remove(sink)
+    assert errors[0] == (
+        f"{damaged}: is damaged: the bytes of 'head.out.weight' fail their CRC check (zip "
+        "record 'archive/data/" + errors[0].split("archive/data/")[1].split("'")[0] + "'); "
+        "copy or download it again"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_config_mistake_leaves_a_failed_report_and_a_log_line(project):
+    project.checkpoint("a.ckpt")
+    project.config('[[checkpoint]]\nsource = "../ckpts/a.ckpt"\n')
+    assert project.doit().returncode == 0
+    project.config('[[checkpoint]]\nsource = "../ckpts/a.ckpt"\nbogus = 1\n')
+    result = project.doit()
+    assert result.returncode == 3
+    report = project.report()
+    assert (report["status"], report["checkpoints"]) == ("failed", [])
+    assert report["errors"][0].endswith(
+        "unknown key 'bogus' (allowed: bandwidth_id, name, output, "
+        "output_root, sample, source, trusted)"
+    )
+    assert "unknown key 'bogus'" in (project.root / "logs" / "pipeline.log").read_text()
+    assert result.stderr.count("unknown key 'bogus'") == 1
+
+
+def test_a_task_named_after_its_file_is_refused(project):
+    project.checkpoint("epoch=14-step=3000.ckpt")
+    project.config('[[checkpoint]]\nsource = "../ckpts/*.ckpt"\n')
+    result = project.doit("write_config:epoch=14-step=3000")
+    assert result.returncode == 3
+    assert "use write_config:epoch_14-step_3000 (see doit list --all)" in result.stderr
+    assert not (project.root / "converted").exists()
+
+
+def test_sigterm_ends_the_run_with_a_report(project, tmp_path):
+    project.checkpoint("a.ckpt")
+    project.config('[[checkpoint]]\nsource = "../ckpts/a.ckpt"\n')
+    marker = tmp_path / "stalled"
+    terminated = stalled(project, marker)
+    wait_for(marker, terminated)
+    terminated.send_signal(signal.SIGTERM)
+    terminated.communicate(timeout=60)
+    assert terminated.returncode == 143
+    assert project.report()["status"] == "interrupted"
+    assert list(project.output("a").iterdir()) == []
+
+
+def test_writer_temp_files_of_a_killed_write_are_removed(tmp_path, tiny_path):
+    from pipeline.files import WRITER_TEMP_AGE
+
+    tmp_path.joinpath("out").mkdir()
+    stale, fresh = tmp_path / "out" / ".tmpAb12Cd", tmp_path / "out" / ".tmpXy98Zw"
+    stale.write_bytes(b"half")
+    fresh.write_bytes(b"half")
+    old = time.time() - WRITER_TEMP_AGE - 5
+    os.utime(stale, (old, old))
+    assert convert(tiny_path, tmp_path / "out", 0, trusted=False) == 0
+    assert not stale.exists() and fresh.exists()
+
+
+def test_replacing_another_checkpoints_conversion_warns(tmp_path):
+    warnings = []
+    from loguru import logger
+
+    for name in ("epoch=1-step=100.ckpt", "last.ckpt"):
+        synthetic.write_tiny(tmp_path / name)
+    sink = logger.add(lambda m: warnings.append(m.record["message"]), level="WARNING")
+    try:
+        assert convert(tmp_path / "epoch=1-step=100.ckpt", None, 0, trusted=False) == 0
+        assert convert(tmp_path / "last.ckpt", None, 0, trusted=False) == 0
+    finally:
+        logger.remove(sink)
+    assert warnings == [
+        f"replacing the conversion of epoch=1-step=100.ckpt in {tmp_path}; give each "
+        "checkpoint its own output folder to keep both"
+    ]

@@ -188,3 +188,14 @@ def test_non_float_tensor_is_an_error():
     dtypes = dict.fromkeys(shapes, "float32") | {"head.out.bias": "int64"}
     with pytest.raises(ConversionError, match=r"head.out.bias \(int64\)"):
         rules.plan(shapes, dtypes, 0)
+
+
+def test_the_odd_tensor_is_blamed_not_the_ones_that_agree():
+    shapes = kept_shapes()
+    shapes["backbone.embed.weight"] = [10, 3, 7]
+    with pytest.raises(ConversionError) as error:
+        rules.audit(shapes)
+    assert str(error.value) == (
+        "tensor shape(s) disagree with the rest of the decoder: "
+        "backbone.embed.weight is [10, 3, 7], expected [64, 32, k]"
+    )

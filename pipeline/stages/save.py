@@ -33,9 +33,15 @@ MIB = 1 << 20
 
 
 def run(job: Job) -> None:
-    for stale in remove_stale_temps(job.output):
+    for stale in remove_stale_temps(job.output, writer_temps=True):
         logger.info(f"removed {stale.name}, left behind by an interrupted run")
     check_output_folder(job.output)
+    replaced = converted_from(job.model)
+    if replaced not in (None, job.source.name):
+        logger.warning(
+            f"replacing the conversion of {replaced} in {job.output}; give each "
+            "checkpoint its own output folder to keep both"
+        )
     loaded = read_json(job.load_json)
     plan = read_json(job.plan_json)
     state_dict = source_tensors(job, loaded)
@@ -152,16 +158,21 @@ def check_output_folder(folder: Path) -> None:
 
 
 def written_by_us(path: Path) -> bool:
-    if path.name != "model.safetensors":
-        return False
+    return path.name == "model.safetensors" and converted_from(path) is not None
+
+
+def converted_from(path: Path) -> str | None:
+    """The source file name a model.safetensors of ours records; None if not ours."""
     from safetensors import safe_open
 
     try:
         with safe_open(path, framework="pt") as file:
             header = file.metadata() or {}
-    except Exception:  # unreadable: certainly not a finished file of ours
-        return False
-    return header.get("converter", "").startswith("wavtokenizer-pipeline ")
+    except Exception:  # missing or unreadable: not a finished file of ours
+        return None
+    if not header.get("converter", "").startswith("wavtokenizer-pipeline "):
+        return None
+    return header.get("source", "")
 
 
 def verify(path: Path, plan: dict) -> str:

@@ -205,7 +205,9 @@ def case_hash(work: Path, files: dict, runs: int) -> dict:
     command = [sys.executable, "-I", "-S", "-c", HASH_PROGRAM]
     return {
         "with": [measure(command + [str(files["large-0"])], work) for _ in range(runs)],
-        "without": [measure(command + [str(files["large-0-no-optimizer"])], work) for _ in range(runs)],
+        "without": [
+            measure(command + [str(files["large-0-no-optimizer"])], work) for _ in range(runs)
+        ],
     }
 
 
@@ -272,7 +274,7 @@ def report(results: dict, args: argparse.Namespace) -> str:
         "optimizer states), 248 MiB of decoder; in the page cache. Cold: no doit state, no "
         "intermediates.",
         f"- The sha256 that outputs record, alone: {h_with.seconds:.2f} s for 1.9 GB, "
-        f"{h_without.seconds:.2f} s for 0.8 GB. \"waiting\" below is the time load stages "
+        f'{h_without.seconds:.2f} s for 0.8 GB. "waiting" below is the time load stages '
         "spent waiting for it after their own work was done (from logs/pipeline.log).",
         "",
         row("case", "pipeline", "baseline or other side", "result", "target"),
