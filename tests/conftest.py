@@ -31,6 +31,17 @@ def quiet_logs():
     logger.remove(handler)
 
 
+@pytest.fixture
+def messages():
+    """Every log line of the test, as (level, message)."""
+    lines: list[tuple[str, str]] = []
+    sink = logger.add(
+        lambda m: lines.append((m.record["level"].name, m.record["message"])), level="DEBUG"
+    )
+    yield lines
+    logger.remove(sink)
+
+
 @pytest.fixture(scope="session")
 def tiny_path(tmp_path_factory) -> Path:
     """One tiny checkpoint for read-only use by many tests."""

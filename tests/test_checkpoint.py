@@ -11,7 +11,6 @@ from collections import OrderedDict
 
 import pytest
 import torch
-from loguru import logger
 from safetensors.torch import load_file
 
 from pipeline import synthetic
@@ -19,17 +18,6 @@ from pipeline.checkpoint import find_state_dict, open_checkpoint, sniff
 from pipeline.cli import convert
 from pipeline.errors import CheckpointError
 from tests.test_conversion import expected_outputs
-
-
-@pytest.fixture
-def messages():
-    """Every log line of the test, as (level, message)."""
-    lines: list[tuple[str, str]] = []
-    sink = logger.add(
-        lambda m: lines.append((m.record["level"].name, m.record["message"])), level="DEBUG"
-    )
-    yield lines
-    logger.remove(sink)
 
 
 def converted(folder: pathlib.Path) -> dict[str, torch.Tensor]:
@@ -335,7 +323,8 @@ def test_load_logs_kept_and_dropped(tmp_path, tiny_path, messages):
         (lambda sd: sd.pop("head.out.weight"), "required tensor(s) missing: 'head.out.weight'"),
         (
             lambda sd: sd.__setitem__("backbone.convnext.4.pwconv2.weight", torch.zeros(64, 100)),
-            "tensor shape(s) disagree with the rest of the decoder: backbone.convnext.4.pwconv2.weight "
+            "tensor shape(s) disagree with the rest of the decoder: "
+            "backbone.convnext.4.pwconv2.weight "
             "is [64, 100], expected [64, 192]",
         ),
     ],

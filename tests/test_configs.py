@@ -127,7 +127,8 @@ def test_task_names_are_safe_on_doit_command_line(stem, name):
     [
         (
             '[[checkpoint]]\nsource = "../ckpts/a.ckpt"\nbandwith_id = 1\n',
-            r"team.toml: \[\[checkpoint\]\] #1 \(source '../ckpts/a.ckpt'\): unknown key 'bandwith_id'; "
+            r"team.toml: \[\[checkpoint\]\] #1 \(source '../ckpts/a.ckpt'\): "
+            r"unknown key 'bandwith_id'; "
             r"did you mean 'bandwidth_id'\?",
         ),
         (
@@ -140,7 +141,8 @@ def test_task_names_are_safe_on_doit_command_line(stem, name):
         ),
         (
             '[[checkpoint]]\nsource = "../ckpts/missing.ckpt"\n',
-            r"team.toml: \[\[checkpoint\]\] #1 \(source '../ckpts/missing.ckpt'\): source '.*/ckpts/missing.ckpt' does not exist",
+            r"team.toml: \[\[checkpoint\]\] #1 \(source '../ckpts/missing.ckpt'\): "
+            r"source '.*/ckpts/missing.ckpt' does not exist",
         ),
         ('[[checkpoint]]\nsource = "../ckpts"\n', r"source '.*/ckpts' is a folder, not a file"),
         ('[[checkpoint]]\nsource = "../ckpts/*.pt"\n', r"glob '.*/ckpts/\*.pt' matches no file"),

@@ -33,7 +33,9 @@ def test_task_list(project):
         "load": "Open each checkpoint safely, find its state dict, keep the decoder's tensors.",
         "flatten": "Give every kept tensor its canonical name (prefixes like module. removed).",
         "transform": "Apply the rename, reshape and bandwidth-row rules; read the decoder's sizes.",
-        "save_safetensors": "Write model.safetensors (and provenance.json) into each output folder.",
+        "save_safetensors": (
+            "Write model.safetensors (and provenance.json) into each output folder."
+        ),
         "write_index": "Write index.json (total size and weight map) beside model.safetensors.",
         "write_config": "Write config.json for llama.cpp, every size read from the checkpoint.",
     }

@@ -233,6 +233,10 @@ def test_dry_run_says_what_would_run_and_why_and_runs_nothing(project):
     assert (project.root / ".doit.db").read_bytes() == state
 
 
+def errors(messages: list[tuple[str, str]]) -> list[str]:
+    return [message for level, message in messages if level == "ERROR"]
+
+
 def wait_for(path: Path, process: subprocess.Popen, seconds: float = 120) -> None:
     deadline = time.monotonic() + seconds
     while not path.exists():
@@ -315,7 +319,7 @@ def test_ctrl_c_still_writes_the_report(project, tmp_path):
     assert row["stages"]["save_safetensors"]["status"] == "interrupted"
 
 
-def test_full_disk_names_the_folder_and_loses_nothing(tmp_path, tiny_path, monkeypatch):
+def test_full_disk_names_the_folder_and_loses_nothing(tmp_path, tiny_path, monkeypatch, messages):
     import safetensors.torch
 
     assert convert(tiny_path, tmp_path / "a", 0, trusted=False) == 0
@@ -332,15 +336,8 @@ def test_full_disk_names_the_folder_and_loses_nothing(tmp_path, tiny_path, monke
         )
 
     monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
-    errors = []
-    from loguru import logger
-
-    sink = logger.add(lambda m: errors.append(m.record["message"]), level="ERROR")
-    try:
-        assert convert(tiny_path, tmp_path / "b", 1, trusted=False) == 1
-    finally:
-        logger.remove(sink)
-    assert errors[0] == (
+    assert convert(tiny_path, tmp_path / "b", 1, trusted=False) == 1
+    assert errors(messages)[0] == (
         f"no space left on the device while writing into {tmp_path / 'b'}; "
         "free some space and run again (earlier outputs are intact)"
     )
@@ -363,20 +360,13 @@ def test_earlier_output_stays_when_a_later_conversion_fails(project):
     assert {p.name: p.read_bytes() for p in project.output("a").iterdir()} == before
 
 
-def test_foreign_safetensors_in_the_output_folder_is_an_error(tmp_path, tiny_path):
+def test_foreign_safetensors_in_the_output_folder_is_an_error(tmp_path, tiny_path, messages):
     from safetensors.torch import save_file
 
     save_file({"x": torch.zeros(1)}, tmp_path / "model-00001-of-00002.safetensors")
     save_file({"x": torch.zeros(1)}, tmp_path / "model.safetensors")
-    errors = []
-    from loguru import logger
-
-    sink = logger.add(lambda m: errors.append(m.record["message"]), level="ERROR")
-    try:
-        assert convert(tiny_path, tmp_path, 0, trusted=False) == 1
-    finally:
-        logger.remove(sink)
-    assert errors[0] == (
+    assert convert(tiny_path, tmp_path, 0, trusted=False) == 1
+    assert errors(messages)[0] == (
         f"{tmp_path} already holds model-00001-of-00002.safetensors, "
         "model.safetensors, which this pipeline did not write; llama.cpp's "
         "converter would read them too. Move them away or set another output "
@@ -420,7 +410,7 @@ def test_a_checkpoint_replaced_behind_load_is_loaded_again(project):
     assert project.ran()["a"][0] == "load"
 
 
-def test_damaged_tensor_bytes_are_caught(project, tmp_path):
+def test_damaged_tensor_bytes_are_caught(project, tmp_path, messages):
     source = project.checkpoint("a.ckpt")
     project.config('[[checkpoint]]\nsource = "../ckpts/a.ckpt"\n')
     assert project.doit().returncode == 0
@@ -430,17 +420,12 @@ def test_damaged_tensor_bytes_are_caught(project, tmp_path):
     data[offset : offset + 8] = b"\xff" * 8
     damaged = tmp_path / "damaged.ckpt"
     damaged.write_bytes(bytes(data))
-    errors = []
-    from loguru import logger
-
-    sink = logger.add(lambda m: errors.append(m.record["message"]), level="ERROR")
-    try:
-        assert convert(damaged, tmp_path / "out", 0, trusted=False) == 1
-    finally:
-        logger.remove(sink)
-    assert errors[0] == (
+    assert convert(damaged, tmp_path / "out", 0, trusted=False) == 1
+    assert errors(messages)[0] == (
         f"{damaged}: is damaged: the bytes of 'head.out.weight' fail their CRC check (zip "
-        "record 'archive/data/" + errors[0].split("archive/data/")[1].split("'")[0] + "'); "
+        "record 'archive/data/"
+        + errors(messages)[0].split("archive/data/")[1].split("'")[0]
+        + "'); "
         "copy or download it again"
     )
     assert not (tmp_path / "out").exists()
@@ -498,19 +483,12 @@ def test_writer_temp_files_of_a_killed_write_are_removed(tmp_path, tiny_path):
     assert not stale.exists() and fresh.exists()
 
 
-def test_replacing_another_checkpoints_conversion_warns(tmp_path):
-    warnings = []
-    from loguru import logger
-
+def test_replacing_another_checkpoints_conversion_warns(tmp_path, messages):
     for name in ("epoch=1-step=100.ckpt", "last.ckpt"):
         synthetic.write_tiny(tmp_path / name)
-    sink = logger.add(lambda m: warnings.append(m.record["message"]), level="WARNING")
-    try:
-        assert convert(tmp_path / "epoch=1-step=100.ckpt", None, 0, trusted=False) == 0
-        assert convert(tmp_path / "last.ckpt", None, 0, trusted=False) == 0
-    finally:
-        logger.remove(sink)
-    assert warnings == [
+    assert convert(tmp_path / "epoch=1-step=100.ckpt", None, 0, trusted=False) == 0
+    assert convert(tmp_path / "last.ckpt", None, 0, trusted=False) == 0
+    assert [m for level, m in messages if level == "WARNING"] == [
         f"replacing the conversion of epoch=1-step=100.ckpt in {tmp_path}; give each "
         "checkpoint its own output folder to keep both"
     ]
