@@ -324,6 +324,9 @@ def report(results: dict, args: argparse.Namespace) -> str:
         "Per extra checkpoint (case 2) is (four-checkpoint run - one-checkpoint run) / 3, both "
         "medians of this invocation: the cost once start-up is paid.",
         "",
+        "Why a target is missed, and by how much the sha256 alone accounts for: see README.md "
+        "beside this file.",
+        "",
         "Samples (wall seconds, in run order):",
         "",
         f"- case 1: pipeline {seconds(single['ours'])}; baseline {seconds(single['baseline'])}",
