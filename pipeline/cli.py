@@ -18,7 +18,7 @@ from pathlib import Path
 from loguru import logger
 
 from pipeline import logs
-from pipeline.configs import task_name
+from pipeline.configs import Entry, task_name
 from pipeline.stages import STAGES, Job, run_stage
 from pipeline.synthetic import RELEASES
 
@@ -79,16 +79,9 @@ def _convert_arguments(parser: argparse.ArgumentParser) -> None:
 def convert(checkpoint: Path, output: Path | None, bandwidth_id: int, trusted: bool) -> int:
     source = checkpoint.absolute()
     folder = (output or source.parent).absolute()
-    settings = {
-        "name": task_name(source),
-        "source": str(source),
-        "output": str(folder),
-        "bandwidth_id": bandwidth_id,
-        "trusted": trusted,
-        "sample": None,
-    }
+    entry = Entry(task_name(source), source, folder, bandwidth_id, trusted)
     with tempfile.TemporaryDirectory(prefix="convert-pt-to-hf-") as build:
-        job = Job(task_name(source), source, folder, Path(build), bandwidth_id, trusted, settings)
+        job = Job.of(entry, Path(build))
         for stage in STAGES:
             if run_stage(stage, job) is not None:
                 logger.error(f"{source.name}: conversion stopped at {stage}")

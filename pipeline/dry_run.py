@@ -36,8 +36,8 @@ class DryRun(DoitCmdBase):
 
     def _execute(self, pos_args: list[str] | None = None) -> int:
         tasks = {task.name: task for task in self.task_list}
-        chosen = self._closure(tasks, self._selected(tasks, pos_args or []))
         producers = {target: name for name, task in tasks.items() for target in task.targets}
+        chosen = self._closure(tasks, producers, self._selected(tasks, pos_args or []))
         will_run: set[str] = set()
         by_checkpoint: dict[str, list[tuple[str, str]]] = {}
         for name in sorted(chosen, key=lambda n: _order(tasks[n])):
@@ -91,8 +91,7 @@ class DryRun(DoitCmdBase):
         return selected
 
     @staticmethod
-    def _closure(tasks: dict, names: list[str]) -> set[str]:
-        producers = {target: name for name, task in tasks.items() for target in task.targets}
+    def _closure(tasks: dict, producers: dict, names: list[str]) -> set[str]:
         chosen: set[str] = set()
         pending = list(names)
         while pending:

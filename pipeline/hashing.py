@@ -45,6 +45,17 @@ def sha256(path: Path) -> str:
     return digest
 
 
+def unchanged(path: Path, size: int, mtime_ns: int, digest: str) -> bool:
+    """Is the file still the version recorded as (size, mtime_ns, sha256)?
+
+    A moved timestamp alone is checked by content, through the cache.
+    """
+    stat = Path(path).stat()
+    if stat.st_size != size:
+        return False
+    return stat.st_mtime_ns == mtime_ns or sha256(path) == digest
+
+
 def cached(path: Path, stat: os.stat_result) -> str | None:
     """The cached sha256 of this version of the file, or None."""
     entry = _cache_entry(path)

@@ -255,13 +255,27 @@ def stalled(project, marker: Path, *args: str) -> subprocess.Popen:
     )
 
 
-def test_a_second_run_exits_at_once_naming_the_first(project, tmp_path):
-    project.checkpoint("a.ckpt")
+def stalled_in_save(project, tmp_path) -> subprocess.Popen:
+    """A one-checkpoint run, started and now waiting inside save_safetensors."""
     project.config('[[checkpoint]]\nsource = "../ckpts/a.ckpt"\n')
     marker = tmp_path / "stalled"
-    first = stalled(project, marker)
+    process = stalled(project, marker)
+    wait_for(marker, process)
+    return process
+
+
+def stopped_in_save(project, tmp_path, signum: int) -> int:
+    """The exit status of a run sent `signum` while inside save_safetensors."""
+    process = stalled_in_save(project, tmp_path)
+    process.send_signal(signum)
+    process.communicate(timeout=60)
+    return process.returncode
+
+
+def test_a_second_run_exits_at_once_naming_the_first(project, tmp_path):
+    project.checkpoint("a.ckpt")
+    first = stalled_in_save(project, tmp_path)
     try:
-        wait_for(marker, first)
         state = (project.root / ".doit.db").read_bytes()
         started = time.monotonic()
         second = project.doit()
@@ -278,10 +292,7 @@ def test_a_second_run_exits_at_once_naming_the_first(project, tmp_path):
 
 def test_a_run_killed_in_save_is_finished_by_the_next(project, tmp_path):
     source = project.checkpoint("a.ckpt")
-    project.config('[[checkpoint]]\nsource = "../ckpts/a.ckpt"\n')
-    marker = tmp_path / "stalled"
-    killed = stalled(project, marker)
-    wait_for(marker, killed)
+    killed = stalled_in_save(project, tmp_path)
     killed.send_signal(signal.SIGKILL)
     killed.communicate()
     output = project.output("a")
@@ -304,13 +315,7 @@ def test_a_run_killed_in_save_is_finished_by_the_next(project, tmp_path):
 
 def test_ctrl_c_still_writes_the_report(project, tmp_path):
     project.checkpoint("a.ckpt")
-    project.config('[[checkpoint]]\nsource = "../ckpts/a.ckpt"\n')
-    marker = tmp_path / "stalled"
-    interrupted = stalled(project, marker)
-    wait_for(marker, interrupted)
-    interrupted.send_signal(signal.SIGINT)
-    interrupted.communicate(timeout=60)
-    assert interrupted.returncode != 0
+    assert stopped_in_save(project, tmp_path, signal.SIGINT) != 0
     report = project.report()
     assert report["status"] == "interrupted"
     row = report["checkpoints"][0]
@@ -459,13 +464,7 @@ def test_a_task_named_after_its_file_is_refused(project):
 
 def test_sigterm_ends_the_run_with_a_report(project, tmp_path):
     project.checkpoint("a.ckpt")
-    project.config('[[checkpoint]]\nsource = "../ckpts/a.ckpt"\n')
-    marker = tmp_path / "stalled"
-    terminated = stalled(project, marker)
-    wait_for(marker, terminated)
-    terminated.send_signal(signal.SIGTERM)
-    terminated.communicate(timeout=60)
-    assert terminated.returncode == 143
+    assert stopped_in_save(project, tmp_path, signal.SIGTERM) == 143
     assert project.report()["status"] == "interrupted"
     assert list(project.output("a").iterdir()) == []
 

@@ -24,7 +24,7 @@ from pipeline.checkpoint import (
 )
 from pipeline.errors import CheckpointError, ConversionError
 from pipeline.files import read_json, write_json
-from pipeline.hashing import BackgroundHash, sha256
+from pipeline.hashing import BackgroundHash, unchanged
 from pipeline.rules import canonical_name, drop_reason
 from pipeline.stages import Job
 
@@ -125,12 +125,8 @@ def describes_source(load_json: str) -> bool | None:
     """
     try:
         recorded = read_json(Path(load_json))
-        stat = Path(recorded["source"]).stat()
+        return unchanged(
+            Path(recorded["source"]), recorded["size"], recorded["mtime_ns"], recorded["sha256"]
+        )
     except (OSError, ValueError, KeyError):
         return None
-    if stat.st_size != recorded["size"]:
-        return False
-    return (
-        stat.st_mtime_ns == recorded["mtime_ns"]
-        or sha256(Path(recorded["source"])) == recorded["sha256"]
-    )

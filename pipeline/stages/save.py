@@ -25,7 +25,7 @@ from pipeline import __version__
 from pipeline.checkpoint import map_tensors, navigate, open_checkpoint
 from pipeline.errors import ConversionError, OutputError
 from pipeline.files import atomic_path, output_error, read_json, remove_stale_temps, write_json
-from pipeline.hashing import sha256
+from pipeline.hashing import unchanged
 from pipeline.stages import Job
 
 CONVERTER = f"wavtokenizer-pipeline {__version__}"
@@ -35,13 +35,7 @@ MIB = 1 << 20
 def run(job: Job) -> None:
     for stale in remove_stale_temps(job.output, writer_temps=True):
         logger.info(f"removed {stale.name}, left behind by an interrupted run")
-    check_output_folder(job.output)
-    replaced = converted_from(job.model)
-    if replaced not in (None, job.source.name):
-        logger.warning(
-            f"replacing the conversion of {replaced} in {job.output}; give each "
-            "checkpoint its own output folder to keep both"
-        )
+    check_output_folder(job.output, job.source.name)
     loaded = read_json(job.load_json)
     plan = read_json(job.plan_json)
     state_dict = source_tensors(job, loaded)
@@ -52,9 +46,8 @@ def run(job: Job) -> None:
         "source_sha256": loaded["sha256"],
         "converter": CONVERTER,
     }
-    write_safetensors(tensors, header, job.model)
+    header_sha256 = write_safetensors(tensors, header, plan, job.model)
     del tensors, state_dict
-    header_sha256 = verify(job.model, plan)
     size = job.model.stat().st_size
     logger.info(f"wrote {job.model} ({len(plan['tensors'])} tensors, {size / MIB:.1f} MiB)")
     write_json(job.provenance, provenance(job, loaded))
@@ -70,10 +63,7 @@ def source_tensors(job: Job, loaded: dict) -> dict:
 
     Falls back to unpickling again when load could not locate them (a legacy file).
     """
-    stat = job.source.stat()
-    if stat.st_size != loaded["size"] or (
-        stat.st_mtime_ns != loaded["mtime_ns"] and sha256(job.source) != loaded["sha256"]
-    ):
+    if not unchanged(job.source, loaded["size"], loaded["mtime_ns"], loaded["sha256"]):
         raise ConversionError(f"{job.source}: changed since the load stage read it; run again")
     kept = {entry["key"]: entry for entry in loaded["kept"]}
     if all("offset" in entry for entry in kept.values()):
@@ -95,7 +85,11 @@ def _planned_tensor(state_dict, item: dict, job: Job):
     return tensor.reshape(item["shape"]).contiguous()
 
 
-def write_safetensors(tensors: dict, header: dict[str, str], target: Path) -> None:
+def write_safetensors(tensors: dict, header: dict[str, str], plan: dict, target: Path) -> str:
+    """Write, fix the metadata order and check the file before it takes target's place.
+
+    Returns the sha256 of the final header.
+    """
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 
@@ -104,11 +98,13 @@ def write_safetensors(tensors: dict, header: dict[str, str], target: Path) -> No
             save_file(tensors, temp, metadata=header)
         except SafetensorError as error:  # how safetensors reports a failed write
             raise output_error(error, target.parent) from error
-        sort_metadata(temp)
+        final_header = sort_metadata(temp)
+        verify(temp, plan)
+    return hashlib.sha256(final_header).hexdigest()
 
 
-def sort_metadata(path: Path) -> None:
-    """Put the header's metadata keys in sorted order, in place.
+def sort_metadata(path: Path) -> bytes:
+    """Put the header's metadata keys in sorted order, in place; the final header.
 
     NOTE: safetensors serializes the metadata from a hash map, so its key order (and
     with it the file's bytes) changes from one process to the next. The sorted object
@@ -119,7 +115,7 @@ def sort_metadata(path: Path) -> None:
         header = file.read(length)
         metadata = json.loads(header).get("__metadata__")
         if not metadata:
-            return
+            return header
         start = header.index(b'"__metadata__":') + len(b'"__metadata__":')
         ordered = json.dumps(
             dict(sorted(metadata.items())), separators=(",", ":"), ensure_ascii=False
@@ -136,18 +132,20 @@ def sort_metadata(path: Path) -> None:
             )
         file.seek(8 + start)
         file.write(ordered)
+    return header[:start] + ordered + header[start + len(ordered) :]
 
 
-def check_output_folder(folder: Path) -> None:
+def check_output_folder(folder: Path, source_name: str) -> None:
     """Refuse a folder holding model*.safetensors that this pipeline did not write.
 
     llama.cpp's converter reads every model*.safetensors it finds, so a stray one
-    would end up in the GGUF.
+    would end up in the GGUF. Replacing another checkpoint's conversion only warns.
     """
     if not folder.is_dir():
         return
+    sources = {path.name: converted_from(path) for path in folder.glob("model*.safetensors")}
     foreign = sorted(
-        path.name for path in folder.glob("model*.safetensors") if not written_by_us(path)
+        name for name, source in sources.items() if name != "model.safetensors" or source is None
     )
     if foreign:
         raise OutputError(
@@ -155,10 +153,12 @@ def check_output_folder(folder: Path) -> None:
             "write; llama.cpp's converter would read them too. Move them away or set "
             "another output for this checkpoint"
         )
-
-
-def written_by_us(path: Path) -> bool:
-    return path.name == "model.safetensors" and converted_from(path) is not None
+    replaced = sources.get("model.safetensors")
+    if replaced not in (None, source_name):
+        logger.warning(
+            f"replacing the conversion of {replaced} in {folder}; give each "
+            "checkpoint its own output folder to keep both"
+        )
 
 
 def converted_from(path: Path) -> str | None:
@@ -175,8 +175,8 @@ def converted_from(path: Path) -> str | None:
     return header.get("source", "")
 
 
-def verify(path: Path, plan: dict) -> str:
-    """Read the written header back, compare every name, shape and dtype; its sha256."""
+def verify(path: Path, plan: dict) -> None:
+    """Read the written header back and compare every name, shape and dtype."""
     from safetensors import safe_open
 
     expected = {item["name"]: (tuple(item["shape"]), item["dtype"]) for item in plan["tensors"]}
@@ -188,9 +188,6 @@ def verify(path: Path, plan: dict) -> str:
     if found != expected:
         wrong = sorted(set(found.items()) ^ set(expected.items()), key=str)
         raise ConversionError(f"{path}: written tensors differ from the plan: {wrong[:3]}")
-    with path.open("rb") as file:
-        (length,) = struct.unpack("<Q", file.read(8))
-        return hashlib.sha256(file.read(length)).hexdigest()
 
 
 SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
